@@ -219,12 +219,16 @@ class SoundNet8(nn.Module):
         layers = self._check_layers(layers)
         if waveform.dim() != 2:
             raise ValueError(f"waveform must be (batch, samples), got shape {tuple(waveform.shape)}")
+        for name in layers:
+            if output_length(name, waveform.shape[-1]) < 1:
+                raise ValueError(f"{waveform.shape[-1]} samples are too short for {name}: it needs at "
+                                 f"least {min_input_length(name)} samples (pad the audio)")
         wanted = set(layers)
         deepest = max(BACKBONE_LAYERS.index(n) if n in BACKBONE_LAYERS else len(BACKBONE_LAYERS)
                       for n in layers)
         x = waveform.unsqueeze(1) * self.config.input_scale
         outputs: dict[str, torch.Tensor] = {}
-        for index, name in enumerate(BACKBONE_LAYERS[: deepest + 1]):
+        for name in BACKBONE_LAYERS[: deepest + 1]:
             x = self.blocks[name](x)
             if name in wanted:
                 outputs[name] = x

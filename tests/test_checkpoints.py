@@ -1,0 +1,177 @@
+"""The checkpoint format: round trip, and a clear refusal of every kind of bad file."""
+import json
+import pickle
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hear_brainsoundnet import checkpoints
+from hear_brainsoundnet.checkpoints import (CheckpointError, convert_sound8, load_checkpoint,
+                                            pretrained_checkpoint, read_config, save_checkpoint)
+from hear_brainsoundnet.soundnet import SoundNet8
+from tests.signals import natural_like
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return convert_sound8(out_path=tmp_path_factory.mktemp("ckpt") / "pretrained.safetensors")
+
+
+def test_round_trip_is_bit_identical(converted, tmp_path):
+    first = load_checkpoint(converted)
+    again = save_checkpoint(tmp_path / "again.safetensors", first.model, provenance=first.provenance,
+                            extra_tensors={"brain_head.weight": torch.ones(3, 1024, 5)},
+                            extra_config={"brain_head": {"kernel": 5}})
+    second = load_checkpoint(again)
+    audio = torch.from_numpy(natural_like(12.0))[None]
+    with torch.no_grad():
+        a = first.model(audio, layers=("conv4", "conv7", "conv8"))
+        b = second.model(audio, layers=("conv4", "conv7", "conv8"))
+    for name in a:
+        assert torch.equal(a[name], b[name])
+    assert torch.equal(second.extra["brain_head.weight"], torch.ones(3, 1024, 5))
+    assert second.config["extra"] == {"brain_head": {"kernel": 5}}
+    assert second.provenance["source_sha256"] == checkpoints.SOUND8_SHA256
+    assert not second.model.training
+
+
+def test_config_records_architecture_and_provenance(converted):
+    config = read_config(converted)
+    assert config["architecture"] == "soundnet8"
+    assert config["sample_rate"] == 22050 and config["input_scale"] == 256.0
+    assert config["layers"][-2:] == ["conv8", "conv8_2"]
+    assert {"code_version", "source_weights", "training_data", "condition"} <= set(config["provenance"])
+
+
+def test_pretrained_checkpoint_is_converted_once(tmp_path):
+    path = pretrained_checkpoint(tmp_path)
+    mtime = path.stat().st_mtime_ns
+    assert pretrained_checkpoint(tmp_path) == path and path.stat().st_mtime_ns == mtime
+    path.write_bytes(b"garbage")  # a damaged cache entry is converted again
+    assert load_checkpoint(pretrained_checkpoint(tmp_path)).config["architecture"] == "soundnet8"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors: no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_truncated_file(converted, tmp_path):
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(converted.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors: truncated"):
+        load_checkpoint(bad)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="tiny.safetensors: truncated"):
+        load_checkpoint(tiny)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save", "npy"])
+def test_pickles_are_refused(tmp_path, kind):
+    path = tmp_path / f"weights.{kind}"
+    state = SoundNet8().state_dict()
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"a": 1}))
+    elif kind == "torch.save":
+        torch.save(state, path)
+    else:
+        with open(path, "wb") as handle:  # np.save to a handle keeps the name as given
+            np.save(handle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match=f"{path.name}: this is .*pickles are refused"):
+        load_checkpoint(path)
+
+
+def _rewrite(src, dst, tensors=None, config_edit=None, metadata=None):
+    ck = load_checkpoint(src)
+    state = {k: v.clone() for k, v in ck.model.state_dict().items()}
+    if tensors:
+        tensors(state)
+    config = dict(ck.config)
+    if config_edit:
+        config_edit(config)
+    meta = metadata if metadata is not None else {"format": "hear-brainsoundnet", "format_version": "1",
+                                                  "config": json.dumps(config)}
+    save_file(state, dst, metadata=meta)
+    return dst
+
+
+def test_wrong_shape(converted, tmp_path):
+    def shrink(state):
+        state["blocks.conv4.conv.weight"] = state["blocks.conv4.conv.weight"][:64]
+    bad = _rewrite(converted, tmp_path / "shape.safetensors", tensors=shrink)
+    with pytest.raises(CheckpointError, match=r"shape\.safetensors: tensor 'blocks\.conv4\.conv\.weight' is "
+                                              r"torch\.float32 \(64, 64, 8\).*\(128, 64, 8\)"):
+        load_checkpoint(bad)
+
+
+def test_wrong_dtype_and_nan(converted, tmp_path):
+    def half(state):
+        state["blocks.conv1.conv.bias"] = state["blocks.conv1.conv.bias"].half()
+    with pytest.raises(CheckpointError, match="blocks.conv1.conv.bias' is torch.float16"):
+        load_checkpoint(_rewrite(converted, tmp_path / "dtype.safetensors", tensors=half))
+
+    def nan(state):
+        state["blocks.conv2.bn.weight"][3] = float("nan")
+    with pytest.raises(CheckpointError, match="nan.safetensors: tensor 'blocks.conv2.bn.weight' contains NaN"):
+        load_checkpoint(_rewrite(converted, tmp_path / "nan.safetensors", tensors=nan))
+
+
+def test_wrong_architecture(converted, tmp_path):
+    def other(config):
+        config["architecture"] = "resnet50"
+    with pytest.raises(CheckpointError, match="arch.safetensors: wrong architecture 'resnet50'"):
+        load_checkpoint(_rewrite(converted, tmp_path / "arch.safetensors", config_edit=other))
+
+    def drop(state):
+        del state["heads.conv8.conv.weight"]
+    with pytest.raises(CheckpointError, match=r"missing \['heads\.conv8\.conv\.weight'\]"):
+        load_checkpoint(_rewrite(converted, tmp_path / "missing.safetensors", tensors=drop))
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.zeros(3)}, plain)
+    with pytest.raises(CheckpointError, match="plain.safetensors: not a hear-brainsoundnet checkpoint"):
+        load_checkpoint(plain)
+
+
+def test_sha256_mismatch(converted, tmp_path):
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(converted, copy)
+    with pytest.raises(CheckpointError, match=r"copy\.safetensors: sha256 mismatch: expected 0{64}"):
+        load_checkpoint(copy, expected_sha256="0" * 64)
+    assert load_checkpoint(copy, expected_sha256=checkpoints.sha256_file(converted)).path == copy
+
+
+def test_wrong_sound8_is_refused_before_unpickling(tmp_path):
+    fake = tmp_path / "sound8.npy"
+    np.save(fake, np.array([{"conv1": {}}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match="sound8.npy: sha256 mismatch"):
+        convert_sound8(fake, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_save_is_atomic(converted, tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    shutil.copy(converted, target)
+    before = target.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(checkpoints, "save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(target, SoundNet8())
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_header_length_lie_is_detected(converted, tmp_path):
+    data = bytearray(converted.read_bytes())
+    data[:8] = struct.pack("<Q", 10**12)
+    bad = tmp_path / "header.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header.safetensors: truncated or not a safetensors file"):
+        load_checkpoint(bad)

@@ -1,0 +1,321 @@
+"""Brain-encoding evaluation on held-out runs: scores, model comparison, noise ceilings, brain maps.
+
+The study scored every parcel (or voxel) on every held-out run with ``sklearn.metrics.r2_score``
+and compared conditions with a Wilcoxon signed-rank test across runs followed by a
+Benjamini-Yekutieli FDR correction over targets. This module does the same, reports Pearson r
+beside r2, expresses scores as a fraction of a known noise ceiling when the data carry one
+(the synthetic dataset does), and draws the scores back onto the brain with nilearn.
+
+Shapes: a run's targets and predictions are ``(n_TR, n_targets)``; per-run scores are
+``(n_runs, n_targets)``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import r2_score
+
+from hear_brainsoundnet.checkpoints import atomic_write
+
+METRICS = ("r", "r2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------
+
+def _check_pair(y_true: np.ndarray, y_pred: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if y_true.ndim != 2 or y_true.shape != y_pred.shape:
+        raise ValueError(f"{what}: targets {y_true.shape} and predictions {y_pred.shape} must both "
+                         "be (n_TR, n_targets) of the same shape")
+    if y_true.shape[0] < 3:
+        raise ValueError(f"{what}: {y_true.shape[0]} time points; scores need at least 3")
+    for name, array in (("targets", y_true), ("predictions", y_pred)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what}: {name} contain NaN or infinite values")
+    return y_true, y_pred
+
+
+def pearson_r(y_true: np.ndarray, y_pred: np.ndarray, *, what: str = "run") -> np.ndarray:
+    """Pearson r between each target column and its prediction, ``(n_targets,)``.
+
+    r is undefined when either series is constant (e.g. a dead network predicting a flat line);
+    it is reported as 0 there (no linear association), as ``r2_score`` reports a finite value.
+    """
+    y_true, y_pred = _check_pair(y_true, y_pred, what)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        r = stats.pearsonr(y_true, y_pred, axis=0).statistic
+    return np.nan_to_num(np.asarray(r, dtype=np.float64), nan=0.0)
+
+
+def r2(y_true: np.ndarray, y_pred: np.ndarray, *, what: str = "run") -> np.ndarray:
+    """Coefficient of determination per target, ``sklearn.metrics.r2_score`` semantics, ``(n_targets,)``.
+
+    Unlike r, r2 penalises offset and scale errors and is negative for a prediction worse than
+    the run's own mean.
+    """
+    y_true, y_pred = _check_pair(y_true, y_pred, what)
+    return np.asarray(r2_score(y_true, y_pred, multioutput="raw_values"), dtype=np.float64)
+
+
+@dataclass
+class EncodingScores:
+    """Per-run, per-target scores of one model on held-out runs.
+
+    ``r`` and ``r2`` are ``(n_runs, n_targets)``; row i belongs to ``runs[i]``.
+    """
+
+    model: str
+    runs: list[str]
+    targets: list[str]
+    r: np.ndarray
+    r2: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.runs, self.targets = list(self.runs), list(self.targets)
+        shape = (len(self.runs), len(self.targets))
+        for metric in METRICS:
+            value = np.asarray(getattr(self, metric), dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"scores of {self.model!r}: {metric} has shape {value.shape}, "
+                                 f"expected (runs, targets) = {shape}")
+            setattr(self, metric, value)
+
+    def metric(self, name: str) -> np.ndarray:
+        """The ``(n_runs, n_targets)`` array of ``name`` ("r" or "r2")."""
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; choose one of {METRICS}")
+        return getattr(self, name)
+
+    def mean(self, name: str) -> np.ndarray:
+        """Mean of ``name`` over runs, per target, ``(n_targets,)``."""
+        return self.metric(name).mean(axis=0)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per (run, target) with columns model, run, target, r, r2."""
+        n_runs, n_targets = len(self.runs), len(self.targets)
+        return pd.DataFrame({
+            "model": self.model,
+            "run": np.repeat(self.runs, n_targets),
+            "target": np.tile(self.targets, n_runs),
+            "r": self.r.ravel(),
+            "r2": self.r2.ravel(),
+        })
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, model: str | None = None) -> "EncodingScores":
+        """Inverse of :meth:`to_frame` (rows for one model; runs and targets in first-seen order)."""
+        missing = {"model", "run", "target", *METRICS} - set(frame.columns)
+        if missing:
+            raise ValueError(f"score table lacks columns {sorted(missing)}")
+        models = list(dict.fromkeys(frame["model"]))
+        model = model if model is not None else (models[0] if len(models) == 1 else None)
+        if model is None or model not in models:
+            raise ValueError(f"score table holds models {models}; name one (got {model!r})")
+        rows = frame[frame["model"] == model]
+        runs = list(dict.fromkeys(rows["run"]))
+        targets = list(dict.fromkeys(rows["target"]))
+        arrays = {}
+        for metric in METRICS:
+            table = rows.pivot(index="run", columns="target", values=metric)
+            if table.isna().any().any():
+                raise ValueError(f"score table of {model!r} is missing some (run, target) pairs")
+            arrays[metric] = table.loc[runs, targets].to_numpy()
+        return cls(model=model, runs=runs, targets=targets, **arrays)
+
+    def save_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_frame` to ``path`` atomically."""
+        return atomic_write(path, lambda tmp: self.to_frame().to_csv(tmp, index=False))
+
+    @classmethod
+    def load_csv(cls, path: str | os.PathLike, model: str | None = None) -> "EncodingScores":
+        """Read a table written by :meth:`save_csv`."""
+        path = Path(path)
+        try:
+            frame = pd.read_csv(path, dtype={"run": str, "target": str})
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise ValueError(f"{path}: cannot read a score table ({error})") from None
+        try:
+            return cls.from_frame(frame, model)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def score_runs(truth: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
+               targets: Sequence[str], model: str = "model") -> EncodingScores:
+    """Score every held-out run: Pearson r and r2 per target, runs in ``truth``'s order.
+
+    ``truth`` and ``predictions`` map a run id (e.g. ``s04e01a``) to ``(n_TR, n_targets)``
+    arrays; both must hold the same runs.
+    """
+    if not truth:
+        raise ValueError(f"{model}: no held-out runs to score")
+    if set(truth) != set(predictions):
+        raise ValueError(f"{model}: runs without predictions {sorted(set(truth) - set(predictions))}, "
+                         f"predictions without runs {sorted(set(predictions) - set(truth))}")
+    runs = list(truth)
+    targets = list(targets)
+    for run in runs:
+        if np.shape(truth[run])[1:] != (len(targets),):
+            raise ValueError(f"{model}, run {run}: {np.shape(truth[run])} does not have "
+                             f"{len(targets)} target columns")
+    r_rows = [pearson_r(truth[run], predictions[run], what=f"{model}, run {run}") for run in runs]
+    r2_rows = [r2(truth[run], predictions[run], what=f"{model}, run {run}") for run in runs]
+    return EncodingScores(model=model, runs=runs, targets=targets,
+                          r=np.stack(r_rows), r2=np.stack(r2_rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+def smallest_wilcoxon_p(n_runs: int, alternative: str = "two-sided") -> float:
+    """The smallest p-value an exact Wilcoxon signed-rank test can give with ``n_runs`` pairs.
+
+    It bounds what FDR can declare significant: with few runs nothing survives correction.
+    """
+    p = 0.5 ** n_runs
+    return 2 * p if alternative == "two-sided" else p
+
+
+def compare(baseline: EncodingScores, candidate: EncodingScores, *, metric: str = "r2",
+            alpha: float = 0.05, alternative: str = "two-sided") -> pd.DataFrame:
+    """Per-target comparison of ``candidate`` with ``baseline`` across held-out runs.
+
+    For each target: Wilcoxon signed-rank test on the paired per-run scores (candidate minus
+    baseline), then Benjamini-Yekutieli FDR over all targets (valid under any dependence between
+    targets, as in the study). Targets whose differences are all zero get p = 1.
+
+    Returns one row per target: ``target``, ``mean_baseline``, ``mean_candidate``, ``mean_diff``,
+    ``median_diff``, ``statistic``, ``p``, ``q`` and ``significant`` (q < alpha) and ``gain``
+    (significant with a positive median difference).
+    """
+    if baseline.runs != candidate.runs:
+        raise ValueError(f"{baseline.model!r} and {candidate.model!r} were scored on different "
+                         f"runs: {baseline.runs} vs {candidate.runs}")
+    if baseline.targets != candidate.targets:
+        raise ValueError(f"{baseline.model!r} and {candidate.model!r} have different targets")
+    if len(baseline.runs) < 2:
+        raise ValueError(f"a Wilcoxon test across runs needs at least 2 runs, got {len(baseline.runs)}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+    a, b = baseline.metric(metric), candidate.metric(metric)
+    diff = b - a
+    with warnings.catch_warnings():
+        # All-zero differences make scipy divide 0 by 0 on the way to p = 1; that p is right.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        test = stats.wilcoxon(b, a, axis=0, alternative=alternative)
+    p = np.where(np.isfinite(test.pvalue), test.pvalue, 1.0)
+    q = stats.false_discovery_control(p, method="by")
+    median = np.median(diff, axis=0)
+    return pd.DataFrame({
+        "target": baseline.targets,
+        "mean_baseline": a.mean(axis=0),
+        "mean_candidate": b.mean(axis=0),
+        "mean_diff": diff.mean(axis=0),
+        "median_diff": median,
+        "statistic": np.asarray(test.statistic, dtype=np.float64),
+        "p": p,
+        "q": q,
+        "significant": q < alpha,
+        "gain": (q < alpha) & (median > 0),
+    })
+
+
+def ceiling_fraction(scores: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+    """``scores / ceiling`` per target; NaN where the ceiling is not positive (pure-noise targets).
+
+    ``scores`` and ``ceiling`` must be on the same scale (r with an r ceiling, r2 with an r2
+    ceiling) and the same length.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    ceiling = np.asarray(ceiling, dtype=np.float64)
+    if scores.shape != ceiling.shape:
+        raise ValueError(f"scores {scores.shape} and noise ceiling {ceiling.shape} differ in shape")
+    positive = np.isfinite(ceiling) & (ceiling > 0)
+    out = np.full(scores.shape, np.nan)
+    np.divide(scores, ceiling, out=out, where=positive)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Brain maps
+# ----------------------------------------------------------------------------------------------
+
+def parcel_values_to_img(values: np.ndarray, labels_img):
+    """A 3-D image with each parcel of ``labels_img`` filled with its value (background 0).
+
+    ``values`` follow the order of the atlas's non-background labels, sorted, which is the
+    column order of ``NiftiLabelsMasker`` and so of the parcel targets.
+    """
+    from nilearn.maskers import NiftiLabelsMasker
+
+    masker = NiftiLabelsMasker(labels_img).fit()
+    values = np.asarray(values, dtype=np.float64)
+    n_regions = masker.n_elements_
+    if values.shape != (n_regions,):
+        raise ValueError(f"{n_regions} parcels in the atlas {_describe(labels_img)}, "
+                         f"but {values.shape} values")
+    return masker.inverse_transform(values)
+
+
+def voxel_values_to_img(values: np.ndarray, mask_img):
+    """A 3-D image with the in-mask voxels of ``mask_img`` set to ``values`` (outside 0)."""
+    from nilearn.maskers import NiftiMasker
+
+    masker = NiftiMasker(mask_img).fit()
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (masker.n_elements_,):
+        raise ValueError(f"{masker.n_elements_} voxels in the mask {_describe(mask_img)}, "
+                         f"but {values.shape} values")
+    return masker.inverse_transform(values)
+
+
+def _describe(img) -> str:
+    return str(img) if isinstance(img, (str, os.PathLike)) else "image"
+
+
+def render_brain_map(img, png_path: str | os.PathLike, *, html_path: str | os.PathLike | None = None,
+                     title: str = "", bg_img=None, threshold: float | None = None,
+                     vmax: float | None = None, cut_coords=None) -> list[Path]:
+    """Draw ``img`` as a static PNG (orthogonal slices) and optionally an interactive HTML view.
+
+    ``bg_img`` is the anatomy behind the map (None: no background, which suits images that are
+    not in MNI space, such as the synthetic atlas); ``threshold`` hides small values; the colour
+    scale is symmetric up to ``vmax`` (default: the largest absolute value).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    data = np.asarray(img.get_fdata())
+    if vmax is None:
+        vmax = float(np.max(np.abs(data))) or 1.0
+    written = []
+    figure = plt.figure(figsize=(9, 3.2))
+    try:
+        plotting.plot_stat_map(img, bg_img=bg_img, title=title or None, threshold=threshold,
+                               vmax=vmax, cut_coords=cut_coords, figure=figure,
+                               draw_cross=False, black_bg=False, annotate=False)
+        written.append(atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=110)))
+    finally:
+        plt.close(figure)
+    if html_path is not None:
+        view = plotting.view_img(img, bg_img=bg_img if bg_img is not None else False,
+                                 threshold=threshold, vmax=vmax, title=title or None,
+                                 cut_coords=cut_coords, black_bg=False)
+        written.append(atomic_write(html_path, view.save_as_html))
+    return written
