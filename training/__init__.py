@@ -1,0 +1,1 @@
+"""Retraining SoundNet on brain data: data readers, synthetic data, fine-tuning, evaluation."""

@@ -1,0 +1,74 @@
+"""Data for retraining SoundNet on brain activity.
+
+Readers of brain data (:mod:`~training.data.fmri`), the stimulus cache
+(:mod:`~training.data.stimuli`), pairing and splits (:mod:`~training.data.pairing`) and
+training windows (:mod:`~training.data.windows`).  A typical pipeline::
+
+    brain = read_fmriprep(deriv_dir, "sub-01", atlas=atlas, cache_dir=cache / "fmri")
+    # or: brain = read_algonauts_h5(h5_file)
+    stimuli = StimulusCache(stimuli_dir, cache / "audio")
+    split = split_by_season(stimuli.episodes(), seed=0)
+    parts = split_runs(pair_runs(brain, stimuli), split)
+    train = WindowDataset(parts.train, window_trs=70, history_samples=history)
+
+Every data problem raises :class:`DataError`, naming the file at fault.
+"""
+
+from training.data.errors import DataError
+from training.data.fmri import (
+    DEFAULT_CONFOUNDS,
+    DEFAULT_SPACE,
+    DEFAULT_TR,
+    BrainRuns,
+    FmriprepRun,
+    find_fmriprep_runs,
+    read_algonauts_h5,
+    read_fmriprep,
+    read_npz_cache,
+    write_npz_cache,
+)
+from training.data.pairing import (
+    PairedRun,
+    Split,
+    SplitRuns,
+    pair_runs,
+    parse_episode,
+    season_of,
+    split_by_season,
+    split_from_lists,
+    split_runs,
+)
+from training.data.stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli
+from training.data.windows import WindowDataset, make_example, tr_boundaries, window_samples, window_starts
+
+__all__ = [
+    "DEFAULT_CONFOUNDS",
+    "DEFAULT_SPACE",
+    "DEFAULT_TR",
+    "SAMPLE_RATE",
+    "BrainRuns",
+    "DataError",
+    "FmriprepRun",
+    "PairedRun",
+    "Split",
+    "SplitRuns",
+    "StimulusCache",
+    "WindowDataset",
+    "decode_audio",
+    "find_fmriprep_runs",
+    "find_stimuli",
+    "make_example",
+    "pair_runs",
+    "parse_episode",
+    "read_algonauts_h5",
+    "read_fmriprep",
+    "read_npz_cache",
+    "season_of",
+    "split_by_season",
+    "split_from_lists",
+    "split_runs",
+    "tr_boundaries",
+    "window_samples",
+    "window_starts",
+    "write_npz_cache",
+]
