@@ -46,7 +46,12 @@ from .checkpoints import (SOUND8_SHA256, Checkpoint, CheckpointError, atomic_wri
                           load_checkpoint, pretrained_checkpoint, save_checkpoint, verify_sha256)
 
 MANIFEST_ENV = "HEAR_BRAINSOUNDNET_MANIFEST"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# A source checkout (or editable install) reads the repository's weights/; a wheel carries the
+# same files as hear_brainsoundnet/weights (setup.cfg maps the folder into the package).
+WEIGHTS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "weights",
+                                Path(__file__).resolve().parent / "weights")
+                    if (d / "manifest.json").is_file()),
+                   Path(__file__).resolve().parent.parent / "weights")
 DEFAULT_MANIFEST = WEIGHTS_DIR / "manifest.json"
 MODEL_CARD_TEMPLATE = WEIGHTS_DIR / "model_card_template.md"
 MANIFEST_SCHEMA_VERSION = 1
