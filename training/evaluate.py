@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,12 @@ from sklearn.metrics import r2_score
 from hear_brainsoundnet.checkpoints import atomic_write
 
 METRICS = ("r", "r2")
+
+
+def read_table(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """A CSV table this package wrote: labels such as ``null`` or ``NA`` stay strings (pandas
+    would read them as missing values); only empty cells are missing."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ class EncodingScores:
         """Read a table written by :meth:`save_csv`."""
         path = Path(path)
         try:
-            frame = pd.read_csv(path, dtype={"run": str, "target": str})
+            frame = read_table(path, dtype={"run": str, "target": str})
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
             raise ValueError(f"{path}: cannot read a score table ({error})") from None
         try:
@@ -173,6 +179,64 @@ def score_runs(truth: Mapping[str, np.ndarray], predictions: Mapping[str, np.nda
     r2_rows = [r2(truth[run], predictions[run], what=f"{model}, run {run}") for run in runs]
     return EncodingScores(model=model, runs=runs, targets=targets,
                           r=np.stack(r_rows), r2=np.stack(r2_rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Predicting held-out runs with a trained encoding model
+# ----------------------------------------------------------------------------------------------
+
+def predict_runs(model, episodes: Sequence, subject: str, tr: float) -> dict[str, np.ndarray]:
+    """Predictions ``{episode: (n_TR, n_targets)}`` of ``subject``'s runs among ``episodes``.
+
+    ``model`` is a trained :class:`training.model.EncodingModel` with a head for ``subject``;
+    ``episodes`` are :class:`training.batches.Episode` objects (e.g. ``DataSplits.test``). Each
+    run is predicted whole from its episode's audio, so every TR sees the real preceding audio
+    (only TRs before the run's first volume enter the head as zeros).
+    """
+    if subject not in model.subjects:
+        raise ValueError(f"the model has heads for {model.subjects}, not for {subject!r}")
+    predictions = {}
+    for episode in episodes:
+        run = episode.targets.get(subject)
+        if run is not None:
+            predictions[episode.name] = model.predict_run(episode.waveform, run.shape[0], subject, tr=tr)
+    return predictions
+
+
+def score_model(model, episodes: Sequence, subject: str, tr: float, target_names: Sequence[str],
+                label: str) -> EncodingScores:
+    """Predict and score ``subject``'s held-out runs among ``episodes`` (see :func:`predict_runs`)."""
+    truth = {e.name: e.targets[subject] for e in episodes if subject in e.targets}
+    if not truth:
+        raise ValueError(f"{label}: {subject} has no held-out runs among "
+                         f"{[e.name for e in episodes][:6]}")
+    return score_runs(truth, predict_runs(model, episodes, subject, tr), target_names, model=label)
+
+
+def score_checkpoint(path: str | os.PathLike, episodes: Sequence, tr: float,
+                     subjects: Sequence[str] | None = None, label: str | None = None,
+                     device: str = "cpu") -> dict[str, EncodingScores]:
+    """Scores of an encoding-model file (``best.safetensors`` of a run) per subject it has a head for.
+
+    ``subjects`` restricts the subjects (default: all of the model's); target names come from
+    the file's metadata.
+    """
+    import torch
+
+    from .state import load_model
+
+    path = Path(path)
+    model, metadata = load_model(path, device=device)
+    names = metadata.get("target_names") or {}
+    label = label or path.parent.name
+    chosen = list(subjects) if subjects is not None else model.subjects
+    scores = {}
+    with torch.inference_mode():
+        for subject in chosen:
+            if subject not in names:
+                raise ValueError(f"{path}: no target names stored for {subject!r}")
+            scores[subject] = score_model(model, episodes, subject, tr, names[subject], label)
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,17 +357,24 @@ def render_brain_map(img, png_path: str | os.PathLike, *, html_path: str | os.Pa
 
     ``bg_img`` is the anatomy behind the map (None: no background, which suits images that are
     not in MNI space, such as the synthetic atlas); ``threshold`` hides small values; the colour
-    scale is symmetric up to ``vmax`` (default: the largest absolute value).
+    scale is symmetric up to ``vmax`` (default: the largest absolute value); the slices cut
+    through ``cut_coords`` (default: the strongest value). nilearn saves the HTML view as a
+    self-contained iframe (``srcdoc``) that opens offline in a browser.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+    from nilearn import image, plotting
 
     data = np.asarray(img.get_fdata())
     if vmax is None:
         vmax = float(np.max(np.abs(data))) or 1.0
+    if cut_coords is None:
+        # Cut through the strongest value: nilearn's default looks for a cluster above a
+        # threshold and falls back, with a warning, on maps of a few uniform parcels.
+        peak = np.unravel_index(np.argmax(np.abs(data)), data.shape)
+        cut_coords = tuple(float(c) for c in image.coord_transform(*peak, img.affine))
     written = []
     figure = plt.figure(figsize=(9, 3.2))
     try:
@@ -319,3 +390,121 @@ def render_brain_map(img, png_path: str | os.PathLike, *, html_path: str | os.Pa
                                  cut_coords=cut_coords, black_bg=False)
         written.append(atomic_write(html_path, view.save_as_html))
     return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Several models on the held-out runs: tables
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class HeldOutResults:
+    """Scores of several models on the held-out runs, their comparisons and a summary.
+
+    ``scores[(model, subject)]`` are per-run scores; ``comparisons`` has one row per
+    (subject, baseline, candidate, metric, target) with the Wilcoxon/BY statistics (see
+    :func:`compare`), the target's ``kind`` and noise ceilings ``ceiling_r`` / ``ceiling_r2``
+    when known; ``summary`` has
+    one row per (subject, model).
+    """
+
+    scores: dict[tuple[str, str], EncodingScores]
+    comparisons: pd.DataFrame
+    summary: pd.DataFrame
+
+    def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write ``scores.csv``, ``comparisons.csv`` and ``summary.csv`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        frames = [s.to_frame().assign(subject=subject) for (_, subject), s in self.scores.items()]
+        scores = pd.concat(frames, ignore_index=True)[["subject", "model", "run", "target", "r", "r2"]]
+        return {name: atomic_write(out_dir / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+                for name, frame in (("scores", scores), ("comparisons", self.comparisons),
+                                    ("summary", self.summary))}
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> "HeldOutResults":
+        """Read what :meth:`save` wrote."""
+        out_dir = Path(out_dir)
+        try:
+            frame = read_table(out_dir / "scores.csv", dtype={"run": str, "target": str})
+            comparisons = read_table(out_dir / "comparisons.csv", dtype={"target": str})
+            summary = read_table(out_dir / "summary.csv")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise ValueError(f"{out_dir}: cannot read held-out results ({error})") from None
+        scores = {}
+        for (model, subject), rows in frame.groupby(["model", "subject"], sort=False):
+            scores[(model, subject)] = EncodingScores.from_frame(rows.drop(columns="subject"), model)
+        return cls(scores, comparisons, summary)
+
+
+def evaluate_models(models: Mapping[str, Mapping[str, str | os.PathLike]], episodes: Sequence,
+                    tr: float, *, comparisons: Sequence[tuple[str, str]] = (),
+                    ceilings: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                    kinds: Sequence[str] | None = None, alpha: float = 0.05,
+                    log: Callable[[str], None] | None = None) -> HeldOutResults:
+    """Score every model on the held-out ``episodes`` and compare the pairs in ``comparisons``.
+
+    ``models`` maps a model label to ``{subject: encoding-model file}`` (a group model's file
+    appears under each of its subjects). ``comparisons`` lists ``(baseline, candidate)``
+    labels, compared per subject on r and r2. ``ceilings`` gives each subject's noise ceilings
+    as ``{"r": ..., "r2": ...}`` (one value per target; either may be absent) and ``kinds`` a
+    kind per target (e.g. auditory / weak / noise in the synthetic data); both are optional and
+    only add columns.
+    """
+    scores: dict[tuple[str, str], EncodingScores] = {}
+    for label, files in models.items():
+        by_file: dict[Path, list[str]] = {}
+        for subject, path in files.items():
+            by_file.setdefault(Path(path), []).append(subject)
+        for path, subjects in by_file.items():  # a group model's file is loaded once
+            if log:
+                log(f"scoring {label} on the held-out runs of {', '.join(subjects)}")
+            for subject, result in score_checkpoint(path, episodes, tr, subjects, label).items():
+                scores[(label, subject)] = result
+    rows = []
+    for baseline, candidate in comparisons:
+        for subject in sorted({s for (m, s) in scores if m == baseline} & {s for (m, s) in scores if m == candidate}):
+            for metric in METRICS:
+                table = compare(scores[(baseline, subject)], scores[(candidate, subject)],
+                                metric=metric, alpha=alpha)
+                table.insert(0, "metric", metric)
+                table.insert(0, "candidate", candidate)
+                table.insert(0, "baseline", baseline)
+                table.insert(0, "subject", subject)
+                rows.append(_annotate(table, subject, ceilings, kinds))
+    comparison_frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    return HeldOutResults(scores, comparison_frame, summarise(scores, ceilings, kinds))
+
+
+def _annotate(table: pd.DataFrame, subject: str, ceilings, kinds) -> pd.DataFrame:
+    if kinds is not None:
+        table["kind"] = list(kinds)
+    if ceilings is not None and subject in ceilings:
+        for metric, values in ceilings[subject].items():
+            table[f"ceiling_{metric}"] = np.asarray(values, dtype=np.float64)
+    return table
+
+
+def summarise(scores: Mapping[tuple[str, str], EncodingScores],
+              ceilings: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+              kinds: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per (subject, model): run count, mean r and r2 over targets (and per kind), the
+    best target's r2, and per ceiling metric the median fraction of the noise ceiling
+    (``ceiling_fraction_r``: held-out r / ceiling r; ``ceiling_fraction_r2``: held-out r2 /
+    ceiling r2; medians over targets with a positive ceiling)."""
+    rows = []
+    for (model, subject), s in scores.items():
+        r, r2_ = s.mean("r"), s.mean("r2")
+        row: dict[str, object] = {"subject": subject, "model": model, "n_runs": len(s.runs),
+                                  "n_targets": len(s.targets), "mean_r": r.mean(), "mean_r2": r2_.mean(),
+                                  "best_r2": r2_.max(), "best_target": s.targets[int(np.argmax(r2_))]}
+        if kinds is not None:
+            kind_array = np.asarray(kinds)
+            for kind in dict.fromkeys(kinds):
+                row[f"mean_r_{kind}"] = r[kind_array == kind].mean()
+                row[f"mean_r2_{kind}"] = r2_[kind_array == kind].mean()
+        for metric, ceiling in (ceilings or {}).get(subject, {}).items():
+            fraction = ceiling_fraction(s.mean(metric), ceiling)
+            row[f"ceiling_fraction_{metric}"] = (float(np.nanmedian(fraction)) if np.isfinite(fraction).any()
+                                                 else np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)

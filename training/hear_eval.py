@@ -12,6 +12,10 @@ Layout of an output folder::
     <out>/hear_status.json               what ran, what was skipped, what failed and why
     <out>/hear_scores.csv / .md / .png   the aggregated scores
 
+The default tasks directory is a generated suite (:func:`write_task_suite`: scene multiclass,
+k-fold, pitch and event tasks from :mod:`training.hear_tasks`, with a small predictor grid in
+their metadata); real HEAR task folders work the same way.
+
 Robustness:
 - a task folder that heareval could not read is reported by name and left out; the others run;
 - a checkpoint that fails to load (or whose runner fails) is reported; the others still run;
@@ -25,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -40,7 +45,7 @@ EMBEDDINGS_DONE = ".done.embeddings"
 REQUIRED_METADATA = ("task_name", "embedding_type", "prediction_type", "split_mode", "splits",
                      "sample_duration", "evaluation")
 KFOLD_MODES = ("new_split_kfold", "presplit_kfold")
-LOWER_IS_BETTER = ("segment_1s_er",)
+LOWER_IS_BETTER = ("segment_1s_er", "loss")
 
 
 class TaskError(ValueError):
@@ -273,16 +278,23 @@ def _float(value: Any) -> float:
     return float(value)
 
 
-def collect_scores(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
-    """Every ``test.predicted-scores.json`` under each checkpoint's embeddings folder, as one table.
+def collect_scores(runs: Mapping[str, str | os.PathLike],
+                   tasks: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every finished task's ``test.predicted-scores.json`` under each checkpoint's folder, as one table.
 
     ``runs`` maps a checkpoint label to the folder given to heareval as ``--embeddings-dir``
-    (holding ``<module>/<task>/``). Returns a long table with columns checkpoint, task,
-    task_folder, metric, value, std, n_folds, primary, higher_is_better.
+    (holding ``<module>/<task>/``); a task counts once heareval wrote ``prediction-done.json``.
+    ``tasks`` keeps only those task folder names. Returns a long table with columns checkpoint,
+    task, task_folder, metric, value, std, n_folds, primary, higher_is_better.
     """
+    keep = set(tasks) if tasks is not None else None
     rows = []
     for label, folder in runs.items():
         for path in sorted(Path(folder).glob(f"*/*/{SCORES_FILE}")):
+            if not (path.parent / PREDICTION_DONE).is_file():
+                continue
+            if keep is not None and path.parent.name not in keep:
+                continue
             for row in read_scores(path.parent):
                 rows.append({"checkpoint": label, **row})
     columns = ["checkpoint", "task", "task_folder", "metric", "value", "std", "n_folds",
@@ -333,7 +345,8 @@ def plot_scores(scores: pd.DataFrame, png_path: str | os.PathLike, title: str = 
             values = [rows["value"].get(t, np.nan) for t in tasks]
             errors = [rows["std"].get(t, np.nan) for t in tasks]
             positions = np.arange(len(tasks)) + (i - (len(checkpoints) - 1) / 2) * width
-            axes.bar(positions, values, width, yerr=np.nan_to_num(errors), capsize=2, label=label)
+            # NaN errors (tasks without folds) draw no error bar at all.
+            axes.bar(positions, values, width, yerr=np.asarray(errors, dtype=float), capsize=2, label=label)
         metric = primary.drop_duplicates("task").set_index("task")["metric"]
         axes.set_xticks(np.arange(len(tasks)), [f"{t}\n{metric[t]}" for t in tasks], fontsize=8)
         axes.set_ylabel("test score (primary metric)")
@@ -359,3 +372,265 @@ def write_tables(scores: pd.DataFrame, out_dir: str | os.PathLike, stem: str = "
         "png": plot_scores(scores, out_dir / f"{stem}.png"),
     }
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The default task suite
+# ----------------------------------------------------------------------------------------------
+
+# A small predictor grid (heareval's default grid trains up to 500 epochs per point): one
+# hidden layer, early stopping on the task's score; written into each task's metadata.
+SUITE_GRID = {"hidden_layers": [1], "hidden_dim": [256], "lr": [1e-3], "max_epochs": [60],
+              "patience": [8], "check_val_every_n_epoch": [1]}
+# Sizes of the generated suite: arguments of the training.hear_tasks generators.
+SUITES: dict[str, dict[str, Any]] = {
+    "default": {"grid": SUITE_GRID,
+                # 2-s pitch clips: conv7's hop is 1.5 s, so 1-s clips give the scene embedding
+                # about one frame (pretrained: pitch_acc 0.67 with 2 s, 0.44 with 1 s, 6 per pitch).
+                "scene": {"per_class": 8}, "kfold": {"per_class": 4},
+                "pitch": {"per_pitch": 6, "duration": 2.0},
+                "event": {"clips": {"train": 24, "valid": 8, "test": 8}}},
+    "tiny": {"grid": {**SUITE_GRID, "max_epochs": [15], "patience": [3], "hidden_dim": [64]},
+             "scene": {"per_class": 3, "duration": 1.0}, "kfold": {"per_class": 2, "duration": 1.0},
+             "pitch": {"per_pitch": 2, "duration": 0.5},
+             "event": {"clips": {"train": 8, "valid": 3, "test": 3}, "duration": 3.0,
+                       "events_per_clip": (1, 2)}},
+}
+EVENT_POSTPROCESSING = {"median_filter_ms": [150], "min_duration": [60]}
+
+
+def write_task_suite(tasks_dir: str | os.PathLike, size: str = "default", seed: int = 0) -> list[Path]:
+    """The generated HEAR suite (scene multiclass, k-fold, pitch, event tasks of
+    :mod:`training.hear_tasks`) with a small predictor grid in each task's metadata."""
+    from . import hear_tasks
+
+    if size not in SUITES:
+        raise ValueError(f"unknown task suite size {size!r}; choose one of {list(SUITES)}")
+    suite = SUITES[size]
+    grid = suite["grid"]
+    return [
+        hear_tasks.scene_task(tasks_dir, seed=seed, param_grid=grid, overwrite=True, **suite["scene"]),
+        hear_tasks.kfold_task(tasks_dir, seed=seed + 1, param_grid=grid, overwrite=True, **suite["kfold"]),
+        hear_tasks.pitch_task(tasks_dir, seed=seed + 2, param_grid=grid, overwrite=True, **suite["pitch"]),
+        hear_tasks.event_task(tasks_dir, seed=seed + 3, param_grid=grid, overwrite=True,
+                              postprocessing_grid=EVENT_POSTPROCESSING, **suite["event"]),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running heareval over checkpoints
+# ----------------------------------------------------------------------------------------------
+
+MODULE = "hear_brainsoundnet"  # the plugin module; each checkpoint is passed with --model PATH
+_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A checkpoint to evaluate: a label for tables and folders, and what to load.
+
+    ``source`` is anything :func:`hear_brainsoundnet.hub.resolve_checkpoint` accepts: a
+    checkpoint file, a manifest name (``pretrained``, ``sub01_conv4`` ...).
+    """
+
+    label: str
+    source: str
+
+    def __post_init__(self) -> None:
+        if not self.label or not set(self.label) <= _LABEL_CHARS or self.label.startswith("."):
+            raise ValueError(f"checkpoint label {self.label!r}: use letters, digits, '_', '-', '.'")
+
+    @classmethod
+    def parse(cls, text: str) -> "CheckpointSpec":
+        """``"LABEL=SOURCE"``, or ``"SOURCE"`` (label: the file's stem or the manifest name)."""
+        label, sep, source = text.partition("=")
+        if not sep:
+            source = text
+            label = Path(text).stem if Path(text).suffix else Path(text).name
+        return cls(label.strip(), source.strip())
+
+
+@dataclass
+class CheckpointOutcome:
+    """What happened to one checkpoint: ``ok``, ``partial`` (some tasks failed) or ``failed``."""
+
+    label: str
+    source: str
+    status: str = "pending"
+    error: str = ""
+    path: str = ""
+    tasks_done: list[str] = field(default_factory=list)
+    tasks_failed: dict[str, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)  # runner calls made in this session
+
+
+@dataclass
+class HearEvalResult:
+    """The outcome of :func:`run_hear_eval`: per checkpoint, task problems, and the tables."""
+
+    out_dir: Path
+    tasks: list[str]
+    task_problems: dict[str, str]
+    checkpoints: list[CheckpointOutcome]
+    scores: pd.DataFrame
+    files: dict[str, Path]
+
+    @property
+    def failed(self) -> list[CheckpointOutcome]:
+        return [c for c in self.checkpoints if c.status != "ok"]
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _run_logged(argv: list[str], log_path: Path, cwd: Path, timeout: float | None) -> int:
+    """Run ``argv`` with stdout and stderr appended to ``log_path``; the exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # Both runners import the working tree's packages: make them importable from the work dir.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(argv)}\n")
+        log.flush()
+        try:
+            return subprocess.run(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  stdin=subprocess.DEVNULL, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[hear_eval] timed out after {timeout} s\n")
+            return -1
+
+
+def stage_tasks(tasks: Sequence[TaskInfo], staging: Path) -> Path:
+    """A folder of links to the valid tasks only: heareval's embeddings runner takes every
+    entry of its tasks dir as a task, so the malformed ones must not be in it."""
+    staging.mkdir(parents=True, exist_ok=True)
+    wanted = {task.name: task.path.resolve() for task in tasks}
+    for entry in staging.iterdir():
+        if entry.name in wanted and entry.is_symlink() and entry.resolve() == wanted[entry.name]:
+            continue
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
+    for name, target in wanted.items():
+        if not (staging / name).is_symlink():
+            (staging / name).symlink_to(target, target_is_directory=True)
+    return staging
+
+
+def _resolve(spec: CheckpointSpec) -> Path:
+    """The checkpoint file, loaded once here so that a bad file fails fast with its own error."""
+    from hear_brainsoundnet.checkpoints import load_checkpoint
+    from hear_brainsoundnet.hub import resolve_checkpoint
+
+    path = resolve_checkpoint(spec.source)
+    load_checkpoint(path)
+    return Path(path).resolve()
+
+
+def evaluate_checkpoint(spec: CheckpointSpec, tasks: Sequence[TaskInfo], staging: Path,
+                        out_dir: Path, *, grid: str = "default", grid_points: int = 1,
+                        timeout: float | None = None,
+                        log: Callable[[str], None] = print) -> CheckpointOutcome:
+    """Embeddings then predictions of every task for one checkpoint, skipping finished work."""
+    from . import heareval_compat
+
+    outcome = CheckpointOutcome(spec.label, spec.source)
+    try:
+        path = _resolve(spec)
+    except Exception as error:  # any load failure is reported, and the next checkpoint runs
+        outcome.status, outcome.error = "failed", f"cannot load checkpoint {spec.source!r}: {error}"
+        log(f"[{spec.label}] {outcome.error}")
+        return outcome
+    outcome.path = str(path)
+    emb_root = out_dir / "embeddings" / spec.label
+    task_dirs = {task.name: emb_root / MODULE / task.name for task in tasks}
+    logs, work = out_dir / "logs", out_dir / "work"
+
+    pending = [name for name, d in task_dirs.items() if not (d / EMBEDDINGS_DONE).is_file()]
+    if pending:
+        log(f"[{spec.label}] embeddings for {len(pending)} task(s): {', '.join(pending)}")
+        argv = heareval_compat.command("embeddings", [MODULE, "--model", path, "--tasks-dir",
+                                                      staging.resolve(), "--embeddings-dir",
+                                                      emb_root.resolve()])
+        outcome.ran.append("embeddings")
+        code = _run_logged(argv, logs / f"{spec.label}.embeddings.log", work, timeout)
+        if code != 0:
+            outcome.error = (f"heareval embeddings runner exited with {code}; see "
+                             f"{logs / f'{spec.label}.embeddings.log'}:\n"
+                             f"{_tail(logs / f'{spec.label}.embeddings.log')}")
+            log(f"[{spec.label}] embeddings runner failed (exit {code})")
+    embedded = [name for name, d in task_dirs.items() if (d / EMBEDDINGS_DONE).is_file()]
+    for name in task_dirs:
+        if name not in embedded:
+            outcome.tasks_failed[name] = "no embeddings (the embeddings runner failed)"
+
+    pending = [name for name in embedded if not (task_dirs[name] / PREDICTION_DONE).is_file()]
+    while pending:
+        log(f"[{spec.label}] predictions for {len(pending)} task(s): {', '.join(pending)}")
+        log_path = logs / f"{spec.label}.predictions.log"
+        argv = heareval_compat.command("predictions", [*(task_dirs[n].resolve() for n in pending),
+                                                       "--grid", grid, "--grid-points", grid_points])
+        outcome.ran.append("predictions")
+        code = _run_logged(argv, log_path, work, timeout)
+        still = [name for name in pending if not (task_dirs[name] / PREDICTION_DONE).is_file()]
+        if code == 0 and not still:
+            break
+        if not still:  # the runner failed after the last task: nothing left to retry
+            break
+        # heareval runs the tasks in order: the first unfinished one is the one that failed.
+        culprit = still[0]
+        outcome.tasks_failed[culprit] = (f"heareval predictions runner exited with {code}; see "
+                                         f"{log_path}:\n{_tail(log_path)}")
+        log(f"[{spec.label}] predictions failed on {culprit} (exit {code})")
+        pending = still[1:]
+
+    outcome.tasks_done = [n for n, d in task_dirs.items() if (d / PREDICTION_DONE).is_file()]
+    if not outcome.tasks_done:
+        outcome.status = "failed"
+        outcome.error = outcome.error or "no task finished"
+    else:
+        outcome.status = "ok" if len(outcome.tasks_done) == len(task_dirs) else "partial"
+    return outcome
+
+
+def run_hear_eval(checkpoints: Sequence[CheckpointSpec], tasks_dir: str | os.PathLike,
+                  out_dir: str | os.PathLike, *, grid: str = "default", grid_points: int = 1,
+                  timeout: float | None = None, log: Callable[[str], None] = print) -> HearEvalResult:
+    """Evaluate every checkpoint on every valid task of ``tasks_dir``; write the tables.
+
+    Malformed tasks are reported in the result (and ``hear_status.json``) and skipped; a
+    checkpoint that fails to load or whose runner fails is reported and the others still run;
+    finished work (heareval's markers) is never redone. Raises ``ValueError`` only when no task
+    is valid or two checkpoints share a label.
+    """
+    out_dir = Path(out_dir)
+    labels = [spec.label for spec in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"checkpoint labels must be unique, got {labels}")
+    if not checkpoints:
+        raise ValueError("no checkpoints to evaluate")
+    tasks, problems = scan_tasks(tasks_dir)
+    for name, problem in problems.items():
+        log(f"skipping malformed task {name}: {problem}")
+    if not tasks:
+        raise ValueError(f"{tasks_dir}: no valid HEAR task folder"
+                         + (f" ({len(problems)} malformed: {'; '.join(problems.values())})" if problems else ""))
+    staging = stage_tasks(tasks, out_dir / "tasks")
+    outcomes = [evaluate_checkpoint(spec, tasks, staging, out_dir, grid=grid, grid_points=grid_points,
+                                    timeout=timeout, log=log) for spec in checkpoints]
+    scores = collect_scores({o.label: out_dir / "embeddings" / o.label for o in outcomes if o.tasks_done},
+                            tasks=[t.name for t in tasks])
+    files = write_tables(scores, out_dir) if not scores.empty else {}
+    status = {"tasks_dir": str(Path(tasks_dir).resolve()), "tasks": [t.name for t in tasks],
+              "task_problems": problems, "grid": grid, "grid_points": grid_points,
+              "checkpoints": [asdict(o) for o in outcomes]}
+    files["status"] = atomic_write(out_dir / "hear_status.json",
+                                   lambda tmp: Path(tmp).write_text(json.dumps(status, indent=2)))
+    return HearEvalResult(out_dir, [t.name for t in tasks], problems, outcomes, scores, files)

@@ -1,0 +1,253 @@
+"""HEAR evaluation across checkpoints: task validation, aggregation of real heareval output, and
+real runner runs with a malformed task, a broken checkpoint and an interrupted run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import hear_eval, hear_tasks
+from training.evaluate import read_table
+from training.hear_eval import CheckpointSpec, TaskError
+
+FIXTURE = Path(__file__).parent / "data" / "heareval_output"
+ROOT = Path(__file__).resolve().parent.parent
+KNOWN = ("top1_acc", "pitch_acc", "chroma_acc", "event_onset_200ms_fms", "event_onset_50ms_fms",
+         "segment_1s_er", "mAP")
+# A small predictor grid: heareval's default grid trains for up to 500 epochs per point.
+GRID = {"hidden_layers": [1], "hidden_dim": [64], "max_epochs": [20], "patience": [5],
+        "check_val_every_n_epoch": [1], "lr": [1e-3]}
+
+
+def _scores(label: str, task: str) -> dict:
+    return json.loads((FIXTURE / label / "hear_brainsoundnet" / task / hear_eval.SCORES_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation of real heareval output (tests/data/heareval_output, see its README)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def collected():
+    runs = {label: FIXTURE / label for label in ("pretrained", "perturbed")}
+    return hear_eval.collect_scores(runs)
+
+
+def test_collect_reads_every_task_and_checkpoint(collected):
+    primary = collected[collected["primary"]]
+    assert sorted(primary["task"].unique()) == ["synth_events", "synth_kfold", "synth_pitch", "synth_scene"]
+    assert sorted(primary["checkpoint"].unique()) == ["perturbed", "pretrained"]
+    assert len(primary) == 8
+    # The primary score is the first of each task's evaluation list.
+    assert dict(zip(primary["task"], primary["metric"])) == {
+        "synth_events": "event_onset_200ms_fms", "synth_kfold": "top1_acc",
+        "synth_pitch": "pitch_acc", "synth_scene": "top1_acc"}
+
+
+def test_trainvaltest_values_are_the_test_entry(collected):
+    raw = _scores("pretrained", "synth_events-v1-full")["test"]
+    rows = collected[(collected["checkpoint"] == "pretrained") & (collected["task"] == "synth_events")]
+    values = dict(zip(rows["metric"], rows["value"]))
+    assert values["event_onset_200ms_fms"] == raw["test_event_onset_200ms_fms"]
+    assert values["segment_1s_er"] == raw["test_segment_1s_er"]
+    assert values["event_onset_50ms_fms_precision"] == raw["test_event_onset_50ms_fms_precision"]
+    assert rows["n_folds"].eq(1).all() and rows["std"].isna().all()
+    lower = set(rows.loc[~rows["higher_is_better"], "metric"])
+    assert {"segment_1s_er", "loss"} <= lower
+
+
+def test_kfold_values_are_the_aggregated_mean_and_std(collected):
+    raw = _scores("perturbed", "synth_kfold-v1-full")
+    folds = [raw[k]["test_top1_acc"] for k in ("fold00", "fold01", "fold02")]
+    row = collected[(collected["checkpoint"] == "perturbed") & (collected["task"] == "synth_kfold")
+                    & collected["primary"]].iloc[0]
+    assert row["value"] == raw["aggregated_scores"]["test_top1_acc_mean"]
+    assert row["value"] == pytest.approx(np.mean(folds))
+    assert row["std"] == pytest.approx(np.std(folds, ddof=1))  # pandas' std over folds
+    assert row["n_folds"] == 3
+
+
+def test_tables_and_chart(collected, tmp_path):
+    files = hear_eval.write_tables(collected, tmp_path)
+    markdown = files["md"].read_text()
+    kfold = _scores("pretrained", "synth_kfold-v1-full")["aggregated_scores"]
+    assert f"{kfold['test_top1_acc_mean']:.3f} ± {kfold['test_top1_acc_std']:.3f}" in markdown
+    header = markdown.splitlines()[0]
+    assert header.index("pretrained") < header.index("perturbed")  # checkpoints in given order
+    table = hear_eval.primary_table(collected)
+    assert table.shape == (4, 4)  # task, metric, two checkpoints
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = read_table(files["csv"])
+    assert len(again) == len(collected)
+
+
+def test_infinity_and_unfinished_tasks(tmp_path):
+    """heareval writes bare ``Infinity`` (Python's json) for some scores; a task without
+    ``prediction-done.json`` (interrupted) is not collected."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE / "pretrained", run)
+    task = run / "hear_brainsoundnet" / "synth_scene-v1-full"
+    text = (task / hear_eval.SCORES_FILE).read_text()
+    raw = json.loads(text)
+    raw["test"]["test_loss"] = math.inf
+    (task / hear_eval.SCORES_FILE).write_text(json.dumps(raw, indent=4))
+    assert "Infinity" in (task / hear_eval.SCORES_FILE).read_text()
+    (run / "hear_brainsoundnet" / "synth_pitch-v1-full" / hear_eval.PREDICTION_DONE).unlink()
+    scores = hear_eval.collect_scores({"x": run})
+    assert "synth_pitch" not in set(scores["task"])
+    loss = scores[(scores["task"] == "synth_scene") & (scores["metric"] == "loss")]["value"].item()
+    assert loss == math.inf
+
+
+def test_unreadable_scores_name_the_file(tmp_path):
+    task = tmp_path / "m" / "t"
+    task.mkdir(parents=True)
+    (task / hear_eval.SCORES_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=r"t/test.predicted-scores.json: unreadable"):
+        hear_eval.read_scores(task)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task validation
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    return hear_tasks.scene_task(tmp_path / "tasks", per_class=2, duration=0.5)
+
+
+def _edit_json(path: Path, edit) -> None:
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+def test_a_generated_task_is_valid(scene):
+    info = hear_eval.validate_task(scene, known_scores=KNOWN)
+    assert info.name == "synth_scene-v1-full" and info.primary_score == "top1_acc"
+    assert info.splits == ("train", "valid", "test")
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda t: (t / "task_metadata.json").unlink(), "missing task_metadata.json"),
+    (lambda t: (t / "task_metadata.json").write_text("{"), "task_metadata.json is not valid JSON"),
+    (lambda t: _edit_json(t / "task_metadata.json", lambda m: m.pop("evaluation")), r"lacks \['evaluation'\]"),
+    (lambda t: _edit_json(t / "task_metadata.json", lambda m: m.update(split_mode="random")),
+     "unknown split_mode 'random'"),
+    (lambda t: _edit_json(t / "task_metadata.json", lambda m: m.update(evaluation=["accuracy"])),
+     r"unknown score\(s\) \['accuracy'\]"),
+    (lambda t: (t / "labelvocabulary.csv").write_text("label,idx\ntone,0\n"), "header 'idx,label'"),
+    (lambda t: _edit_json(t / "train.json", lambda m: m.update({next(iter(m)): ["dog"]})),
+     r"train.json: .* label\(s\) \['dog'\] that are not in labelvocabulary.csv"),
+    (lambda t: _edit_json(t / "test.json", lambda m: m.update({next(iter(m)): ["tone", "noise"]})),
+     "test.json: labels of .* are malformed"),
+    (lambda t: next((t / "22050" / "valid").iterdir()).unlink(), r"1 file\(s\) of valid.json missing"),
+    (lambda t: shutil.rmtree(t / "22050"), "no audio folder"),
+])
+def test_malformed_task_errors_name_the_task_and_file(scene, breakage, message):
+    breakage(scene)
+    with pytest.raises(TaskError, match=message) as error:
+        hear_eval.validate_task(scene, known_scores=KNOWN)
+    assert "synth_scene-v1-full" in str(error.value)
+
+
+def test_checkpoint_spec_parsing():
+    assert CheckpointSpec.parse("runs/sub-01_conv4/hear.safetensors") == \
+        CheckpointSpec("hear", "runs/sub-01_conv4/hear.safetensors")
+    assert CheckpointSpec.parse("conv4=a/b.safetensors") == CheckpointSpec("conv4", "a/b.safetensors")
+    assert CheckpointSpec.parse("pretrained").label == "pretrained"
+    with pytest.raises(ValueError, match="label"):
+        CheckpointSpec.parse("a b=x.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real runs: malformed task, a checkpoint that fails in the middle, interruption and resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tasks dir with one valid scene task and one malformed task, and three checkpoints:
+    the pretrained network, a corrupt file (in the middle), a perturbed copy of the pretrained."""
+    import torch
+
+    from hear_brainsoundnet.checkpoints import load_checkpoint, pretrained_checkpoint, save_checkpoint
+
+    root = tmp_path_factory.mktemp("hear_eval")
+    tasks = root / "tasks"
+    hear_tasks.scene_task(tasks, per_class=4, duration=1.0, param_grid=GRID)
+    broken = tasks / "broken-v1-full"
+    broken.mkdir()
+    (broken / "task_metadata.json").write_text(json.dumps({"task_name": "broken"}))
+    (root / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    checkpoint = load_checkpoint(pretrained_checkpoint())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in checkpoint.model.blocks["conv7"].parameters():
+            parameter.add_(0.05 * parameter.std() * torch.randn_like(parameter))
+    save_checkpoint(root / "perturbed.safetensors", checkpoint.model, provenance={"condition": "test"})
+    specs = ["pretrained", f"corrupt={root / 'corrupt.safetensors'}",
+             f"perturbed={root / 'perturbed.safetensors'}"]
+    return root, tasks, specs
+
+
+def _done_marker(out: Path, label: str, marker: str) -> Path:
+    return out / "embeddings" / label / hear_eval.MODULE / "synth_scene-v1-full" / marker
+
+
+def test_interrupted_run_resumes_and_reports_failures(workspace):
+    root, tasks, specs = workspace
+    out = root / "out"
+    # 1. Start the command and kill it (SIGKILL, its whole process group) once the first
+    #    checkpoint's embeddings are done, while its predictions run.
+    argv = [sys.executable, "-m", "training", "hear-eval", *specs, "--tasks-dir", str(tasks),
+            "--out", str(out), "--grid-points", "1"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    first = _done_marker(out, "pretrained", hear_eval.EMBEDDINGS_DONE)
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "the embeddings of the first checkpoint never finished"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not _done_marker(out, "pretrained", hear_eval.PREDICTION_DONE).exists()
+    embedded_at = first.stat().st_mtime_ns
+
+    # 2. Resume: the first checkpoint's embeddings are not redone, the corrupt checkpoint is
+    #    reported, the one after it still runs, the malformed task is reported and skipped.
+    messages: list[str] = []
+    result = hear_eval.run_hear_eval([CheckpointSpec.parse(s) for s in specs], tasks, out,
+                                     grid_points=1, log=messages.append)
+    outcome = {o.label: o for o in result.checkpoints}
+    assert outcome["pretrained"].ran == ["predictions"]
+    assert first.stat().st_mtime_ns == embedded_at
+    assert outcome["corrupt"].status == "failed"
+    assert "corrupt.safetensors" in outcome["corrupt"].error and outcome["corrupt"].ran == []
+    assert outcome["perturbed"].status == "ok" and outcome["perturbed"].ran == ["embeddings", "predictions"]
+    assert list(result.task_problems) == ["broken-v1-full"]
+    assert "lacks" in result.task_problems["broken-v1-full"]
+    assert any("broken-v1-full" in m for m in messages)
+    assert result.tasks == ["synth_scene-v1-full"]
+    primary = result.scores[result.scores["primary"]]
+    assert sorted(primary["checkpoint"]) == ["perturbed", "pretrained"]
+    # 4 classes, 2 test clips each: chance is 0.25; pretrained SoundNet separates tones, noise,
+    # clicks and chirps easily.
+    assert primary.set_index("checkpoint")["value"]["pretrained"] >= 0.5
+    status = json.loads((out / "hear_status.json").read_text())
+    assert [c["status"] for c in status["checkpoints"]] == ["ok", "failed", "ok"]
+    assert (out / "hear_scores.md").read_text().count("synth_scene") == 1
+
+    # 3. A third run does no work at all.
+    again = hear_eval.run_hear_eval([CheckpointSpec.parse(s) for s in specs], tasks, out, grid_points=1,
+                                    log=lambda _: None)
+    assert [o.ran for o in again.checkpoints] == [[], [], []]
+    assert again.scores.equals(result.scores)

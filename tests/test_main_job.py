@@ -1,0 +1,162 @@
+"""The main job end to end at its tiny size: data, training, held-out evaluation, HEAR, report."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from training.cli import SIZES, run_main_job
+from training.evaluate import read_table
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main_job")
+    readme = run_main_job(root / "work", root / "report", size="tiny", seed=0, threads=2, progress=False)
+    return root / "work", root / "report", readme
+
+
+def test_report_has_every_section_and_figure(job):
+    _, report, readme = job
+    text = readme.read_text()
+    for heading in ("## Training", "## Brain encoding on the held-out runs", "### Comparisons",
+                    "### Brain maps", "## Downstream tasks (HEAR)", "## Run time"):
+        assert heading in text
+    figures = report / "figures"
+    expected = ["learning_curves.png", "scatter_conv4_vs_head_sub-01.png", "scatter_conv4_vs_head_sub-02.png",
+                "map_r_head_sub-01.png", "map_r_conv4_sub-01.png", "hear_scores.png"]
+    for name in expected:
+        assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}" in text
+    assert (figures / "map_r_conv4_sub-01.html").stat().st_size > 10_000
+    for match in re.findall(r"\]\((figures/[^)]+)\)", text):  # every link resolves
+        assert (report / match).is_file(), match
+
+
+def test_training_ran_every_condition_and_the_group(job):
+    work, _, _ = job
+    state = json.loads((work / "main_job.json").read_text())
+    trained = sorted(k for k in state["steps"] if k.startswith("train "))
+    assert trained == ["train group_conv4", "train sub-01_conv4", "train sub-01_head", "train sub-01_null",
+                       "train sub-02_conv4", "train sub-02_head", "train sub-02_null"]
+    budgets = SIZES["tiny"].runs
+    for step in trained:
+        info = state["steps"][step]
+        kind = "group" if "group" in step else step.rsplit("_", 1)[1]
+        assert 1 <= info["epochs"] <= budgets[kind]["train.max_epochs"]
+        assert 0 <= info["best_epoch"] < info["epochs"]
+        assert np.isfinite(info["best_val_loss"])
+
+
+def test_held_out_scores_are_the_models_real_predictions(job):
+    """Recompute one model's held-out r and r2 from its saved file, independently of the job."""
+    from sklearn.metrics import r2_score
+
+    from training.batches import load_splits
+    from training.cli import MainJob
+    from training.state import load_model
+
+    work, _, _ = job
+    scores = read_table(work / "evaluation" / "scores.csv", dtype={"run": str, "target": str})
+    main = MainJob(work, work / "unused", "tiny", 0, 2, False)
+    splits = load_splits(main.config("check", "conv4", ["sub-01"]))
+    model, metadata = load_model(work / "runs" / "sub-01_conv4" / "best.safetensors")
+    episode = splits.test[0]
+    truth = episode.targets["sub-01"]
+    prediction = model.predict_run(episode.waveform, truth.shape[0], "sub-01", tr=splits.tr)
+    rows = scores[(scores["model"] == "conv4") & (scores["subject"] == "sub-01") & (scores["run"] == episode.name)]
+    names = metadata["target_names"]["sub-01"]
+    assert list(rows["target"]) == names
+    expected_r = [np.corrcoef(truth[:, j], prediction[:, j])[0, 1] for j in range(truth.shape[1])]
+    np.testing.assert_allclose(rows["r"], expected_r, atol=1e-6)
+    np.testing.assert_allclose(rows["r2"], r2_score(truth, prediction, multioutput="raw_values"), atol=1e-6)
+
+
+def test_summary_numbers_in_the_report_match_the_tables(job):
+    work, report, readme = job
+    summary = read_table(work / "evaluation" / "summary.csv")
+    text = readme.read_text()
+    assert set(summary["model"]) == {"head", "conv4", "null", "group"}
+    for _, row in summary.iterrows():
+        assert f"{row['mean_r']:.3f}" in text
+        assert 0 < row["ceiling_fraction_r"] < 1.5
+    comparisons = read_table(work / "evaluation" / "comparisons.csv")
+    assert set(comparisons["kind"]) == {"auditory", "weak", "noise"}
+    assert comparisons["q"].between(0, 1).all()
+
+
+def test_what_the_tiny_data_make_reliable(job):
+    """At the tiny size (2 held-out runs of ~40 TRs per subject) nothing can pass FDR and a
+    noise parcel's mean r still swings by about 0.1; what is reliable: the pretrained features
+    beat random ones on the auditory parcels, and those score well above the noise parcels."""
+    work, _, _ = job
+    summary = read_table(work / "evaluation" / "summary.csv")
+    auditory = summary.groupby("model")["mean_r_auditory"].mean()  # mean over the 2 subjects
+    assert auditory["head"] > 0.25
+    assert auditory["head"] - auditory["null"] > 0.1
+    assert auditory["head"] - summary["mean_r_noise"].abs().mean() > 0.15
+    comparisons = read_table(work / "evaluation" / "comparisons.csv")
+    assert not comparisons["significant"].any()  # smallest two-sided Wilcoxon p with 2 runs is 0.5
+
+
+def test_hear_comparison_ran_for_pretrained_and_brain_aligned(job):
+    work, _, readme = job
+    status = json.loads((work / "hear" / "hear_status.json").read_text())
+    assert [(c["label"], c["status"]) for c in status["checkpoints"]] == [("pretrained", "ok"),
+                                                                         ("group_conv4", "ok")]
+    scores = read_table(work / "hear" / "hear_scores.csv")
+    primary = scores[scores["primary"]]
+    assert len(primary) == 8  # 4 tasks x 2 checkpoints
+    assert set(primary["task"]) == {"synth_scene", "synth_kfold", "synth_pitch", "synth_events"}
+    assert "synth_events" in readme.read_text()
+
+
+def test_rerun_skips_every_finished_step(job):
+    work, report, readme = job
+    state_before = (work / "main_job.json").read_text()
+    best = work / "runs" / "sub-01_conv4" / "best.safetensors"
+    stamps = {p: p.stat().st_mtime_ns for p in (best, readme, work / "hear" / "hear_scores.csv")}
+    again = run_main_job(work, report, size="tiny", seed=0, threads=2, progress=False)
+    assert again == readme
+    assert (work / "main_job.json").read_text() == state_before
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_other_settings_in_the_same_workdir_are_refused(job):
+    work, report, _ = job
+    with pytest.raises(SystemExit, match="other settings"):
+        run_main_job(work, report, size="tiny", seed=1, progress=False)
+
+
+def test_claims_are_computed_from_the_comparisons():
+    """The report's claims on hand-made comparison tables: a significant gain in one auditory
+    parcel per subject makes the conv4 claim hold; a noise parcel at r = 0.2 breaks the noise one."""
+    import pandas as pd
+
+    from training.evaluate import HeldOutResults
+    from training.report import check_claims
+
+    rows = []
+    for subject in ("sub-01", "sub-02"):
+        for candidate, diff, gain in (("conv4", 0.05, [True, False]), ("null", -0.2, [False, False])):
+            for metric in ("r", "r2"):
+                for target, kind, g in (("a1", "auditory", gain[0]), ("a2", "auditory", gain[1]),
+                                        ("n1", "noise", False)):
+                    rows.append({"subject": subject, "baseline": "head", "candidate": candidate,
+                                 "metric": metric, "target": target, "kind": kind,
+                                 "mean_baseline": 0.5, "mean_candidate": 0.5 + diff, "mean_diff": diff,
+                                 "median_diff": diff, "significant": g, "gain": g})
+    summary = pd.DataFrame({"subject": ["sub-01", "sub-02"], "model": ["head", "head"],
+                            "mean_r_noise": [0.02, 0.2], "ceiling_fraction_r": [0.6, 0.7]})
+    claims = check_claims(HeldOutResults({}, pd.DataFrame(rows), summary))
+    by_text = {c.statement.split(" (")[0]: c for c in claims}
+    gain = [c for c in claims if c.statement.startswith("conv4 beats head")]
+    assert len(gain) == 2 and all(c.holds for c in gain)  # r2 and r
+    assert "sub-01: 1/2 auditory parcels (mean r2 gain +0.050)" in gain[0].evidence
+    assert by_text["the random-init null does worse than head"].holds
+    noise = [c for c in claims if c.statement.startswith("pure-noise")][0]
+    assert not noise.holds and "+0.200" in noise.evidence
+    ceiling = [c for c in claims if "noise ceiling" in c.statement][0]
+    assert "65%" in ceiling.statement  # mean over subjects of the medians

@@ -1,0 +1,338 @@
+"""The report folder: a Markdown summary with tables and PNG figures (and HTML brain maps).
+
+Everything in the report is computed from the files the pipeline wrote (training curves,
+held-out scores, HEAR scores); nothing is typed in by hand. :func:`write_report` is what the
+main job calls; the figure functions can be used on their own.
+
+Layout::
+
+    <report>/README.md                     the summary
+    <report>/figures/learning_curves.png   validation (and training) loss per epoch
+    <report>/figures/scatter_<subject>.png per-parcel held-out r, baseline vs candidate
+    <report>/figures/map_*.png|html        brain maps (static and interactive)
+    <report>/figures/hear_scores.png       HEAR bar chart
+    <report>/tables/*.csv                  the numbers behind the tables
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hear_brainsoundnet.checkpoints import atomic_write
+
+from .evaluate import HeldOutResults, parcel_values_to_img, render_brain_map
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    plt = _pyplot()
+    try:
+        figure.tight_layout()
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+def plot_learning_curves(curves: Mapping[str, Mapping[str, str | os.PathLike]], path: str | os.PathLike) -> Path:
+    """One panel per group (e.g. subject), one line per run: validation loss (solid) and
+    training loss (dotted) per epoch, the best epoch marked.
+
+    ``curves`` maps a panel title to ``{run label: curves.csv}`` (the training runs' files).
+    """
+    plt = _pyplot()
+    panels = list(curves)
+    columns = min(4, max(1, len(panels)))
+    rows = int(np.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
+    colours = {}
+    for axis, panel in zip(axes.flat, panels):
+        for label, csv_path in curves[panel].items():
+            history = pd.read_csv(csv_path)
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            axis.plot(history["epoch"], history["val_loss"], color=colour, label=label)
+            axis.plot(history["epoch"], history["train_loss"], color=colour, linestyle=":", alpha=0.7)
+            best = history["val_loss"].idxmin()
+            axis.plot(history["epoch"][best], history["val_loss"][best], "o", color=colour, markersize=4)
+        axis.set_title(panel, fontsize=9)
+        axis.set_xlabel("epoch", fontsize=8)
+        axis.set_ylabel("MSE (z-scored targets)", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.suptitle("Learning curves (solid: validation, dotted: training; dot: best epoch)", fontsize=9)
+    return _save(figure, Path(path))
+
+
+def plot_score_scatter(comparison: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Per-target held-out score of the baseline (x) against the candidate (y).
+
+    ``comparison`` is one (subject, baseline, candidate, metric) slice of
+    :attr:`HeldOutResults.comparisons`; points are coloured by ``kind`` when present, and
+    targets with a significant difference (BY FDR) are drawn filled.
+    """
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(4.4, 4.2))
+    kinds = comparison["kind"] if "kind" in comparison else pd.Series(["target"] * len(comparison))
+    for i, kind in enumerate(dict.fromkeys(kinds)):
+        rows = comparison[kinds.to_numpy() == kind]
+        significant = rows["significant"].astype(bool)
+        colour = f"C{i}"
+        if significant.any():
+            axis.scatter(rows["mean_baseline"][significant], rows["mean_candidate"][significant], s=22,
+                         color=colour, label=f"{kind} (significant)")
+        if (~significant).any():
+            axis.scatter(rows["mean_baseline"][~significant], rows["mean_candidate"][~significant], s=22,
+                         facecolors="none", edgecolors=colour, label=f"{kind}")
+    values = np.concatenate([comparison["mean_baseline"], comparison["mean_candidate"]])
+    low, high = min(0.0, float(values.min())) - 0.02, float(values.max()) + 0.02
+    axis.plot([low, high], [low, high], color="grey", linewidth=0.8)
+    metric = comparison["metric"].iloc[0]
+    axis.set_xlim(low, high)
+    axis.set_ylim(low, high)
+    axis.set_xlabel(f"{comparison['baseline'].iloc[0]}: held-out {metric}", fontsize=9)
+    axis.set_ylabel(f"{comparison['candidate'].iloc[0]}: held-out {metric}", fontsize=9)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="upper left")
+    axis.grid(alpha=0.3)
+    return _save(figure, Path(path))
+
+
+def brain_map(values: np.ndarray, atlas, png: str | os.PathLike, html: str | os.PathLike, *,
+              title: str, bg_img: Any = "MNI152", vmax: float | None = None) -> list[Path]:
+    """Parcel ``values`` drawn on the brain through ``atlas`` (PNG + interactive HTML).
+
+    ``bg_img="MNI152"`` uses nilearn's bundled template (the atlas must be in MNI space, as the
+    synthetic atlas and the study's atlases are); None draws the map alone.
+    """
+    if isinstance(bg_img, str) and bg_img == "MNI152":
+        from nilearn.datasets import load_mni152_template
+
+        bg_img = load_mni152_template(resolution=2)
+    img = parcel_values_to_img(values, atlas)
+    # The threshold hides the background (exactly 0), not any parcel's value.
+    return render_brain_map(img, png, html_path=html, title=title, bg_img=bg_img, vmax=vmax,
+                            threshold=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims: what the synthetic data must show, checked on the numbers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Claim:
+    """A statement the report checks, the numbers behind it and whether they support it."""
+
+    statement: str
+    evidence: str
+    holds: bool
+
+
+def _slice(comparisons: pd.DataFrame, baseline: str, candidate: str, metric: str) -> pd.DataFrame:
+    return comparisons[(comparisons["baseline"] == baseline) & (comparisons["candidate"] == candidate)
+                       & (comparisons["metric"] == metric)]
+
+
+def check_claims(held_out: HeldOutResults, *, baseline: str = "head", main: str = "conv4",
+                 null: str = "null", driven: Sequence[str] = ("auditory",), noise: str = "noise",
+                 metrics: Sequence[str] = ("r2", "r"), noise_tolerance: float = 0.1) -> list[Claim]:
+    """The issue's claims about the synthetic data, evaluated on ``held_out``.
+
+    1. ``main`` beats ``baseline`` on held-out runs in driven targets, significantly after BY
+       FDR (per subject: the number of driven targets with a significant gain), for each of
+       ``metrics`` (r2 is the study's score);
+    2. the random-init ``null`` does worse than ``baseline`` (mean r over driven targets, per
+       subject, and significant losses);
+    3. pure-noise targets stay near zero (|mean r| below ``noise_tolerance`` for every model);
+    4. the best model's fraction of the noise ceiling (median over driven targets).
+    """
+    comparisons, summary = held_out.comparisons, held_out.summary
+    claims = []
+    if comparisons.empty or "kind" not in comparisons:
+        return claims
+    for metric in metrics:
+        main_rows = _slice(comparisons, baseline, main, metric)
+        main_rows = main_rows[main_rows["kind"].isin(driven)]
+        if main_rows.empty:
+            continue
+        per_subject = main_rows.groupby("subject")["gain"].agg(["sum", "count"])
+        mean_gain = main_rows.groupby("subject")["mean_diff"].mean()
+        evidence = "; ".join(f"{s}: {int(r['sum'])}/{int(r['count'])} {'/'.join(driven)} parcels "
+                             f"(mean {metric} gain {mean_gain[s]:+.3f})" for s, r in per_subject.iterrows())
+        claims.append(Claim(f"{main} beats {baseline} on held-out runs in the parcels the ground truth "
+                            f"drives (Wilcoxon across runs, BY FDR q < 0.05, {metric})",
+                            evidence, bool((per_subject["sum"] > 0).all() and (mean_gain > 0).all())))
+    null_rows = _slice(comparisons, baseline, null, "r")
+    null_rows = null_rows[null_rows["kind"].isin(driven)]
+    if not null_rows.empty:
+        grouped = null_rows.groupby("subject")
+        lower = grouped["mean_diff"].mean()
+        losses = grouped.apply(lambda t: int((t["significant"] & (t["median_diff"] < 0)).sum()),
+                               include_groups=False)
+        evidence = "; ".join(f"{s}: mean r {grouped.get_group(s)['mean_candidate'].mean():.3f} vs "
+                             f"{grouped.get_group(s)['mean_baseline'].mean():.3f}, significantly worse "
+                             f"in {losses[s]}/{len(grouped.get_group(s))} parcels" for s in lower.index)
+        claims.append(Claim(f"the random-init {null} does worse than {baseline}", evidence,
+                            bool((lower < 0).all())))
+    column = f"mean_r_{noise}"
+    if column in summary:
+        worst = summary.loc[summary[column].abs().idxmax()]
+        evidence = (f"mean r over {noise} parcels between {summary[column].min():+.3f} and "
+                    f"{summary[column].max():+.3f} across models and subjects "
+                    f"(largest: {worst['model']}, {worst['subject']})")
+        claims.append(Claim(f"pure-{noise} parcels stay near zero (|mean r| < {noise_tolerance})", evidence,
+                            bool((summary[column].abs() < noise_tolerance).all())))
+    if "ceiling_fraction_r" in summary and summary["ceiling_fraction_r"].notna().any():
+        by_model = summary.groupby("model")["ceiling_fraction_r"].mean()
+        best = by_model.idxmax()
+        evidence = ", ".join(f"{m}: {v:.0%}" for m, v in by_model.sort_values(ascending=False).items())
+        claims.append(Claim(f"the best model ({best}) reaches {by_model[best]:.0%} of the noise ceiling "
+                            "(median over parcels with a positive ceiling of held-out r / ceiling r, "
+                            "mean over subjects)", evidence, True))
+    return claims
+
+
+# ----------------------------------------------------------------------------------------------
+# The Markdown report
+# ----------------------------------------------------------------------------------------------
+
+def _markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f", formats: Mapping[str, str] | None = None) -> str:
+    """``frame`` as a Markdown table: floats with ``floatfmt`` unless ``formats`` names the column."""
+    formats = formats or {}
+    # tabulate formats every number of a column with that column's format: integers need their own.
+    columns = [formats.get(c, ".0f" if pd.api.types.is_integer_dtype(frame[c]) else floatfmt)
+               for c in frame.columns]
+    return frame.to_markdown(index=False, floatfmt=columns)
+
+
+@dataclass
+class ReportInputs:
+    """Everything :func:`write_report` puts together (paths are files the pipeline wrote)."""
+
+    title: str
+    settings: dict[str, Any]
+    data_facts: dict[str, Any]
+    training: pd.DataFrame  # one row per run: subject, model, epochs, best_epoch, best_val_loss, seconds
+    curves: dict[str, dict[str, Path]]  # panel -> run label -> curves.csv
+    held_out: HeldOutResults
+    scatter_pairs: list[tuple[str, str]]  # (baseline, candidate) drawn as scatter plots
+    atlas: Path | None = None
+    map_models: list[tuple[str, str]] = field(default_factory=list)  # (subject, model) r maps
+    hear_scores: pd.DataFrame | None = None
+    hear_status: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
+    """Write figures, tables and ``README.md`` into ``report_dir``; return the README's path."""
+    from .hear_eval import plot_scores, primary_markdown
+
+    report_dir = Path(report_dir)
+    figures, tables = report_dir / "figures", report_dir / "tables"
+    for folder in (figures, tables):
+        folder.mkdir(parents=True, exist_ok=True)
+    held = inputs.held_out
+    lines = [f"# {inputs.title}", ""]
+    lines += [f"- **{key}**: {value}" for key, value in inputs.settings.items()]
+    lines += [""]
+
+    if inputs.claims:
+        lines += ["## What the synthetic data show", "",
+                  "| claim | holds | evidence |", "|:--|:--|:--|"]
+        lines += [f"| {c.statement} | {'yes' if c.holds else '**no**'} | {c.evidence} |" for c in inputs.claims]
+        lines += [""]
+
+    if inputs.data_facts:
+        lines += ["## Data", ""] + [f"- {key}: {value}" for key, value in inputs.data_facts.items()] + [""]
+
+    lines += ["## Training", "", _markdown_table(inputs.training, formats={"lr": "g", "backbone_lr": "g", "train_seconds": ".1f"}), ""]
+    if inputs.curves:
+        plot_learning_curves(inputs.curves, figures / "learning_curves.png")
+        lines += ["![learning curves](figures/learning_curves.png)", ""]
+
+    lines += ["## Brain encoding on the held-out runs", "",
+              "Per parcel and run: Pearson r and r2 (`sklearn.metrics.r2_score`), then the mean "
+              "over runs. `ceiling_fraction_r` (`_r2`): median over parcels of held-out r (r2) / the noise "
+              "ceiling r (r2), the score of an oracle that knows the noiseless signal.", ""]
+    shown = [c for c in ("subject", "model", "n_runs", "mean_r", "mean_r_auditory", "mean_r2_auditory",
+                         "mean_r_weak", "mean_r_noise", "best_r2", "best_target", "ceiling_fraction_r",
+                         "ceiling_fraction_r2")
+             if c in held.summary]
+    lines += [_markdown_table(held.summary[shown]), "", "All columns: `tables/encoding_summary.csv`.", ""]
+    if not held.comparisons.empty:
+        counts = (held.comparisons.assign(loss=lambda t: t["significant"] & (t["median_diff"] < 0))
+                  .groupby(["subject", "baseline", "candidate", "metric"], sort=False)
+                  .agg(targets=("target", "count"), significant_gain=("gain", "sum"),
+                       significant_loss=("loss", "sum"), mean_diff=("mean_diff", "mean"))
+                  .reset_index())
+        lines += ["### Comparisons (Wilcoxon signed-rank across held-out runs, Benjamini-Yekutieli FDR "
+                  "over parcels, q < 0.05)", "", _markdown_table(counts), ""]
+        atomic_write(tables / "comparison_counts.csv", lambda tmp: counts.to_csv(tmp, index=False))
+        for baseline, candidate in inputs.scatter_pairs:
+            for subject in dict.fromkeys(held.comparisons["subject"]):
+                part = _slice(held.comparisons, baseline, candidate, "r")
+                part = part[part["subject"] == subject]
+                if part.empty:
+                    continue
+                name = f"scatter_{candidate}_vs_{baseline}_{subject}.png"
+                plot_score_scatter(part, figures / name, title=f"{subject}: {candidate} vs {baseline}")
+                lines += [f"![{name}](figures/{name})"]
+        lines += [""]
+    for name, frame in (("summary", held.summary), ("comparisons", held.comparisons)):
+        atomic_write(tables / f"encoding_{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+
+    if inputs.atlas is not None and inputs.map_models:
+        lines += ["### Brain maps", "", "Held-out r per parcel (mean over runs), drawn on the MNI152 "
+                  "template through the atlas; the HTML files are interactive.", ""]
+        vmax = max(float(np.max(np.abs(held.scores[key].mean("r")))) for key in
+                   [(m, s) for s, m in inputs.map_models])
+        for subject, model in inputs.map_models:
+            stem = f"map_r_{model}_{subject}"
+            brain_map(held.scores[(model, subject)].mean("r"), inputs.atlas, figures / f"{stem}.png",
+                      figures / f"{stem}.html", title=f"{subject} {model}: held-out r", vmax=vmax)
+            lines += [f"![{stem}](figures/{stem}.png) ([interactive](figures/{stem}.html))", ""]
+
+    if inputs.hear_scores is not None and not inputs.hear_scores.empty:
+        plot_scores(inputs.hear_scores, figures / "hear_scores.png")
+        atomic_write(tables / "hear_scores.csv", lambda tmp: inputs.hear_scores.to_csv(tmp, index=False))
+        lines += ["## Downstream tasks (HEAR)", "",
+                  "Test score of each task's primary metric (± std over folds for k-fold tasks), "
+                  "heareval's shallow predictors on frozen embeddings.", "",
+                  primary_markdown(inputs.hear_scores), "", "![HEAR scores](figures/hear_scores.png)", ""]
+    if inputs.hear_status:
+        failed = [c for c in inputs.hear_status.get("checkpoints", []) if c["status"] != "ok"]
+        for task, problem in inputs.hear_status.get("task_problems", {}).items():
+            lines += [f"- malformed task skipped: `{task}`: {problem}"]
+        for c in failed:
+            lines += [f"- checkpoint `{c['label']}`: {c['status']}: {c['error'].splitlines()[0] if c['error'] else ''}"]
+        if failed or inputs.hear_status.get("task_problems"):
+            lines += [""]
+
+    if inputs.timings:
+        frame = pd.DataFrame([{"stage": k, "seconds": round(v, 1)} for k, v in inputs.timings.items()])
+        lines += ["## Run time", "", _markdown_table(frame, floatfmt=".1f"),
+                  "", f"Total: {sum(inputs.timings.values()) / 60:.1f} min.", ""]
+    if inputs.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in inputs.notes] + [""]
+    readme = report_dir / "README.md"
+    return atomic_write(readme, lambda tmp: Path(tmp).write_text("\n".join(lines)))
