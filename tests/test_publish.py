@@ -1,0 +1,137 @@
+"""Export to a HEAR checkpoint (loads in the plugin, passes hear-validator), model card, Hub publishing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hear_brainsoundnet
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, sha256_file
+from hear_brainsoundnet.hub import DEFAULT_MANIFEST, fetch, load_manifest
+from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
+from training.batches import load_splits
+from training.config import load_config
+from training.publish import export, load_brain_model, main, publish
+from training.state import load_model
+from training.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dataset):  # noqa: F811
+    """A conv7 model trained for two epochs on the tiny synthetic dataset, and its config."""
+    out = tmp_path_factory.mktemp("publish")
+    config = load_config(None, [
+        "data.source=synthetic", "data.synthetic_size=tiny", f"data.root={tiny_dataset.root}",
+        f"data.cache_dir={out / 'cache'}", "model.condition=conv7", "model.kernel_trs=3",
+        "train.window_trs=10", "train.lr=1e-4", "train.max_epochs=2", f"run.out_dir={out}",
+        "run.name=conv7", "run.progress=false"])
+    return train(config), config
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory: pytest.TempPathFactory):
+    result, _ = trained
+    return export(result.run_dir, tmp_path_factory.mktemp("export") / "conv7_sub_01")
+
+
+def test_export_carries_backbone_heads_provenance_and_card(trained, exported) -> None:
+    result, config = trained
+    checkpoint = load_checkpoint(exported.checkpoint)
+    assert exported.name == "conv7_sub_01" and exported.sha256 == sha256_file(exported.checkpoint)
+    model, _ = load_model(result.best_checkpoint)
+    for key, value in checkpoint.model.state_dict().items():  # the best model's backbone
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
+    assert sorted(checkpoint.extra) == ["head.sub-01.bias", "head.sub-01.input_mean",
+                                        "head.sub-01.input_scale", "head.sub-01.weight"]
+    head = checkpoint.config["extra"]["brain_head"]
+    assert head["subjects"] == ["sub-01"] and head["kernel_trs"] == 3 and head["tr"] == 1.49
+    assert head["targets"]["sub-01"] == result.target_names["sub-01"]
+    provenance = checkpoint.provenance
+    assert provenance["condition"] == "conv7" and provenance["subjects"] == ["sub-01"]
+    assert provenance["seed"] == config.run.seed and provenance["synthetic_data"] is True
+    assert provenance["metrics"]["best_val_loss_mse"] == pytest.approx(result.best_val_loss)
+    assert provenance["training_config"] == config.to_dict()
+    assert provenance["training_data"]["split"]["train"]  # which episodes it learnt from
+    assert provenance["code_version"].startswith(hear_brainsoundnet.__version__)
+    card = exported.card.read_text()
+    assert "CC-BY-4.0" in card and "Demo model" in card and "conv7_sub_01" in card
+    assert "Intended use" in card and "best_val_loss_mse" in card
+    assert json.loads((exported.folder / "config.json").read_text())["provenance"]["condition"] == "conv7"
+
+
+def test_exported_heads_predict_like_the_trained_model(trained, exported) -> None:
+    result, config = trained
+    trained_model, _ = load_model(result.best_checkpoint)
+    brain_model, head = load_brain_model(exported.checkpoint)
+    episode = load_splits(config).test[0]
+    n_trs = episode.targets["sub-01"].shape[0]
+    a = trained_model.predict_run(episode.waveform, n_trs, "sub-01")
+    b = brain_model.predict_run(episode.waveform, n_trs, "sub-01", tr=head["tr"])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert a.shape == (n_trs, len(head["targets"]["sub-01"])) and np.abs(a).max() > 0
+
+
+def test_the_hear_plugin_loads_the_export(exported) -> None:
+    model = hear_brainsoundnet.load_model(str(exported.checkpoint))
+    audio = torch.rand(2, 3 * 22050) * 2 - 1
+    scene = hear_brainsoundnet.get_scene_embeddings(audio, model)
+    frames, timestamps = hear_brainsoundnet.get_timestamp_embeddings(audio, model)
+    assert scene.shape == (2, model.scene_embedding_size) and torch.isfinite(scene).all()
+    assert frames.shape[:2] == timestamps.shape and torch.isfinite(frames).all()
+
+
+@pytest.mark.timeout(600)
+def test_hear_validator_passes_on_the_export(exported) -> None:
+    validator = shutil.which("hear-validator") or str(Path(sys.executable).parent / "hear-validator")
+    done = subprocess.run([validator, "hear_brainsoundnet", "-m", str(exported.checkpoint)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Looks good!" in done.stdout
+
+
+def test_publish_uploads_and_pins_the_commit_in_a_manifest(exported, hub_server, tmp_path) -> None:
+    manifest = tmp_path / "manifest.json"
+    shipped = DEFAULT_MANIFEST.read_bytes() if DEFAULT_MANIFEST.is_file() else None
+    done = publish(exported.folder, "brainsoundnet/conv7-sub-01", name=exported.name, manifest=manifest,
+                   endpoint=hub_server.url, token="test-token")
+    assert done.revision == hub_server.head("brainsoundnet/conv7-sub-01")
+    assert done.sha256 == exported.sha256
+    assert hub_server.file("brainsoundnet/conv7-sub-01", "model.safetensors", done.revision) == \
+        exported.checkpoint.read_bytes()
+    assert "README.md" in hub_server.repos["brainsoundnet/conv7-sub-01"].commits[done.revision].files
+    entry = load_manifest(manifest)[exported.name]
+    assert (entry.repo_id, entry.revision, entry.sha256, entry.licence) == \
+        ("brainsoundnet/conv7-sub-01", done.revision, exported.sha256, "CC-BY-4.0")
+    # the recorded entry resolves through the real download path, sha256-checked
+    assert fetch(entry, endpoint=hub_server.url).read_bytes() == exported.checkpoint.read_bytes()
+    # publishing unchanged files makes no new commit; a second entry keeps the first one
+    again = publish(exported.folder, "brainsoundnet/conv7-sub-01", name="conv7_copy", manifest=manifest,
+                    endpoint=hub_server.url, token="test-token")
+    assert again.revision == done.revision and len(hub_server.commits("brainsoundnet/conv7-sub-01")) == 2
+    assert sorted(load_manifest(manifest)) == ["conv7_copy", exported.name]
+    assert (DEFAULT_MANIFEST.read_bytes() if DEFAULT_MANIFEST.is_file() else None) == shipped
+
+
+def test_bad_exports_and_uploads_are_refused(tmp_path, trained, exported, hub_server, capsys) -> None:
+    with pytest.raises(FileNotFoundError, match="no best model"):
+        export(tmp_path, tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(exported.checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken/model.safetensors: truncated"):
+        publish(broken, "brainsoundnet/x", name="x", manifest=tmp_path / "m.json", endpoint=hub_server.url)
+    assert not (tmp_path / "m.json").exists() and "brainsoundnet/x" not in hub_server.repos
+    assert main(["export", str(tmp_path), str(tmp_path / "out2")]) == 2
+    assert "no best model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must match"):
+        export(trained[0].run_dir, tmp_path / "out3", name="Bad-Name")

@@ -1,0 +1,186 @@
+"""The training loop on the synthetic dataset: run directory, early stopping, conditions, bad inputs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hear_brainsoundnet.checkpoints import CheckpointError, load_pretrained
+from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
+from training.batches import DataSplits, Episode, load_splits
+from training.config import load_config
+from training.data import DataError
+from training.state import RunStateError, load_model
+from training.train import TrainingDiverged, main, train
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Decoded audio and frozen features shared by this module's runs."""
+    return tmp_path_factory.mktemp("train-cache")
+
+
+def tiny_config(tmp_path: Path, root: Path, cache: Path, *overrides: str, name: str = "run"):
+    return load_config(None, [
+        "data.source=synthetic", "data.synthetic_size=tiny", f"data.root={root}", f"data.cache_dir={cache}",
+        "train.window_trs=10", "model.kernel_trs=3", "train.lr=1e-3", "train.max_epochs=3",
+        f"run.out_dir={tmp_path}", f"run.name={name}", "run.progress=false", *overrides])
+
+
+def test_head_only_run_directory_and_frozen_pretrained_backbone(tmp_path, tiny_dataset, cache_dir, capsys):  # noqa: F811
+    config_file = tmp_path / "head.toml"
+    config_file.write_text(tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head").to_toml())
+    assert main([str(config_file), "--set", "train.max_epochs=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    run_dir = Path(summary["run_dir"])
+    for name in ("config.toml", "config.json", "data.json", "train.log", "curves.csv", "curves.png",
+                 "best.safetensors", "last.safetensors", "status.json"):
+        assert (run_dir / name).is_file(), name
+    assert load_config(run_dir / "config.toml").train.max_epochs == 2  # the override is recorded
+    rows = list(csv.DictReader((run_dir / "curves.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert all(math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"])) for r in rows)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+    assert summary["stop_reason"] == "max_epochs"
+    # the head-only baseline is exactly the pretrained network: weights and BN statistics
+    model, metadata = load_model(run_dir / "best.safetensors")
+    pretrained = load_pretrained().state_dict()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, pretrained[key]), key
+    assert float(model.heads["sub-01"].conv.weight.detach().abs().sum()) > 0
+    assert metadata["val_loss"] == min(float(r["val_loss"]) for r in rows)
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["split"]["test"] == ["s03e01a", "s03e01b"]  # the last season is held out
+
+
+def test_early_stopping_keeps_the_best_epoch_and_a_finished_run_is_not_redone(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head", "train.lr=3e-3",
+                         "train.max_epochs=40", "train.early_stopping_patience=2", "train.lr_patience=1")
+    result = train(config)
+    val = [row["val_loss"] for row in result.history]
+    assert result.stop_reason == "early_stopping" and result.epochs < 40
+    assert result.best_epoch == int(np.argmin(val)) and result.best_val_loss == min(val)
+    assert result.epochs == result.best_epoch + 3  # two epochs without improvement, then stop
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == 3e-3 and (len(set(lrs)) > 1 or result.epochs < 4)  # ReduceLROnPlateau acted
+    again = train(config)  # finished: read back, nothing retrained
+    assert again.history == result.history and again.stop_reason == "early_stopping"
+    changed = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head", "train.lr=3e-3",
+                          "train.max_epochs=40", "train.early_stopping_patience=2", "train.lr_patience=1",
+                          "model.kernel_trs=4")
+    with pytest.raises(RunStateError, match=r"config\.json: this run was started with another "
+                                            r"configuration \(model\.kernel_trs: 3 -> 4\)"):
+        train(changed)
+
+
+def test_leave_one_subject_out_fits_only_a_head_on_the_group_backbone(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=conv6", "subjects.mode=loso",
+                         "subjects.ids=['sub-01', 'sub-02']", "subjects.held_out=sub-02", "train.max_epochs=2",
+                         "train.lr=1e-4", name="loso")
+    result = train(config)
+    group, held_out = result.stages["group"], result.stages["sub-02"]
+    assert group.subjects == ["sub-01"] and held_out.subjects == ["sub-02"]
+    assert held_out.run_dir == tmp_path / "loso" / "sub-02"
+    group_model, _ = load_model(group.best_checkpoint)
+    head_model, metadata = load_model(held_out.best_checkpoint)
+    assert metadata["model"]["condition"] == "head"
+    for key, value in head_model.backbone.state_dict().items():
+        assert torch.equal(value, group_model.backbone.state_dict()[key]), key
+    assert not torch.equal(group_model.backbone.state_dict()["blocks.conv6.conv.weight"],
+                           load_pretrained().state_dict()["blocks.conv6.conv.weight"])
+    assert list(head_model.heads) == ["sub-02"]
+
+
+# ---- bad inputs -----------------------------------------------------------------------------
+
+def test_a_subject_without_training_runs_is_named(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    # sub-02 has no run of s01e01a, the only training episode of this split
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "subjects.ids=['sub-02']",
+                         "data.train_episodes=['s01e01a']", "data.val_episodes=['s02e01a']")
+    with pytest.raises(DataError, match="sub-02 has no training runs"):
+        train(config)
+
+
+def test_targets_with_nan_are_refused_naming_the_run(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head")
+    data = load_splits(config)
+    episode = data.train[0]
+    broken = episode.targets["sub-01"].copy()
+    broken[5, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"sub-01 run {episode.name}: targets contain NaN .* first at TR 5"):
+        Episode(episode.name, episode.waveform, {"sub-01": broken})
+    with pytest.raises(ValueError, match="contain NaN"):
+        train(config, DataSplits([Episode(episode.name, episode.waveform, {"sub-01": broken})] + data.train[1:],
+                                 data.validation, data.test, data.tr, data.target_names, data.split,
+                                 data.sources, data.missing))
+
+
+def test_a_diverging_learning_rate_is_stopped_and_never_saved(tmp_path, tiny_dataset, cache_dir, capsys):  # noqa: F811
+    config_file = tmp_path / "diverge.toml"
+    config_file.write_text(tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=conv7",
+                                       "train.lr=5.0", "train.max_epochs=5", name="diverge").to_toml())
+    assert main([str(config_file)]) == 3
+    message = capsys.readouterr().err
+    assert "loss diverged at epoch" in message and "lower train.lr" in message
+    run_dir = tmp_path / "diverge"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "diverged"
+    for name in ("best.safetensors", "last.safetensors"):  # whatever was saved is finite
+        if (run_dir / name).is_file():
+            with safe_open(str(run_dir / name), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (name, key)
+    with pytest.raises(TrainingDiverged):
+        train(load_config(config_file, ["run.name=diverge2"]))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    other = tmp_path / "vggish.safetensors"
+    save_file({"features.0.weight": torch.zeros(64, 1, 3, 3)}, str(other), metadata={
+        "hear-brainsoundnet": json.dumps({"format": "hear-brainsoundnet", "format_version": 1,
+                                          "architecture": "vggish"})})
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, f"model.init={other}")
+    with pytest.raises(CheckpointError, match=r"vggish\.safetensors: wrong architecture 'vggish'"):
+        train(config)
+    # a run's model file for a different head (kernel) cannot start this model either
+    first = train(tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head",
+                              "train.max_epochs=1", name="k3"))
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, f"model.init={first.best_checkpoint}",
+                         "model.kernel_trs=5", name="k5")
+    with pytest.raises(RunStateError, match="the head of sub-01 does not fit this model"):
+        train(config)
+
+
+# ---- the study's claim on synthetic data ----------------------------------------------------
+
+@pytest.mark.timeout(1200)
+def test_conv4_fine_tuning_beats_the_head_only_baseline(tmp_path):
+    """conv4 fine-tuning reaches a lower validation loss than the head-only baseline.
+
+    The default synthetic dataset gives each subject about 750 training TRs, too few for
+    fine-tuning 2.8 M parameters to generalise (it ties or loses: see the report); with 1,440
+    (one subject, 32 runs of 90 s, one season split 75/25) it wins clearly, as it does with the
+    "large" size.
+    """
+    from training.synthetic import generate_friends_like
+
+    root = tmp_path / "data"
+    generate_friends_like(root, size="default", seed=0, n_subjects=1, n_seasons=1, episodes_per_season=16,
+                          run_seconds=90.0, video=False)
+    common = ["data.source=algonauts", f"data.root={root / 'algonauts'}", f"data.stimuli={root / 'stimuli'}",
+              f"data.cache_dir={root / 'cache'}", "data.test_seasons=[99]", "train.window_trs=30",
+              "model.kernel_trs=6", "train.lr_patience=2", f"run.out_dir={tmp_path}", "run.progress=false"]
+    head = train(load_config(None, [*common, "model.condition=head", "train.lr=1e-4", "train.max_epochs=30",
+                                    "train.early_stopping_patience=3", "run.name=head"]))
+    conv4 = train(load_config(None, [*common, "model.condition=conv4", "train.lr=1e-5", "train.max_epochs=10",
+                                     "run.name=conv4"]))
+    assert head.stop_reason == "early_stopping"  # the baseline had every chance to fit
+    assert conv4.best_val_loss < head.best_val_loss - 0.005, (conv4.best_val_loss, head.best_val_loss)

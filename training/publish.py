@@ -1,0 +1,251 @@
+"""Export a trained model as a HEAR checkpoint with its model card, and publish it on a Hub.
+
+- :func:`export` turns a run's ``best.safetensors`` into a folder ready for the Hub and for the
+  HEAR plugin: ``model.safetensors`` (a :mod:`hear_brainsoundnet.checkpoints` file: the
+  SoundNet-8 backbone, the brain heads kept alongside as extra tensors, and in its header the
+  heads' description and the full provenance), ``config.json`` (a copy of that header's config
+  for the Hub page) and ``README.md`` (the model card, from ``weights/model_card_template.md``
+  through :class:`hear_brainsoundnet.hub.HubCheckpoint`).
+- :func:`publish` uploads such a folder to a Hub model repo with ``huggingface_hub`` and records
+  the repo id, the commit (the pinned revision) and the file's sha256 in a manifest file
+  (``weights/manifest.json`` format) whose path the caller gives: tests write a temporary one;
+  only real published checkpoints belong in the shipped ``weights/manifest.json``.
+
+The brain heads (``extra.head.<subject>.{weight,bias,input_mean,input_scale}``) predict a
+subject's targets from conv7: see ``BRAIN_HEAD_FORMULA`` and :mod:`training.model`.
+
+Command line::
+
+    python -m training.publish export RUN_DIR OUT_DIR [--name NAME]
+    python -m training.publish publish OUT_DIR --repo-id ORG/NAME --name NAME --manifest FILE [--endpoint URL]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+
+from hear_brainsoundnet import __version__
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, NAME_PATTERN, HubCheckpoint, ManifestEntry,
+                                    load_manifest, write_manifest)
+
+from .model import FEATURE_LAYER, EncodingModel, head_tensors, load_heads, plain_backbone
+from .state import load_model
+
+LICENCE = "CC-BY-4.0"
+BRAIN_HEAD_FORMULA = (
+    "prediction[t, :] = bias + sum_{d=0}^{k-1} sum_c weight[:, c, d] * x[c, t - k + 1 + d], with "
+    "x[c, u] = (conv7[c, frame(u)] - input_mean[c]) / input_scale[c] for u >= 0 and 0 before the "
+    "run's first TR; frame(u) = the conv7 frame whose centre is nearest the middle of TR u, "
+    "(u + 1/2) * TR * 22050 samples (conv7 frame j is centred on sample -10001.5 + 32768 j)")
+
+
+@dataclass
+class Export:
+    """An exported model folder."""
+
+    folder: Path
+    checkpoint: Path  # folder/model.safetensors
+    card: Path  # folder/README.md
+    sha256: str
+    name: str
+
+
+@dataclass
+class Publication:
+    """Where a checkpoint was published, as recorded in the manifest."""
+
+    repo_id: str
+    revision: str  # the commit: pin it
+    filename: str
+    sha256: str
+    manifest: Path
+    entry: ManifestEntry
+
+
+def _code_version() -> str:
+    """Package version, plus the git commit when run from a checkout (and '+dirty' if modified)."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{__version__}+g{commit[:12]}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def default_name(metadata: dict[str, Any]) -> str:
+    """A manifest-valid name from the model, e.g. ``conv4_sub_01`` or ``conv4_group``."""
+    subjects = list(metadata["model"]["subjects"])
+    who = subjects[0] if len(subjects) == 1 else "group"
+    name = re.sub(r"[^a-z0-9_]+", "_", f"{metadata['model']['condition']}_{who}".lower()).strip("_")
+    return name if NAME_PATTERN.fullmatch(name) else f"m_{name}"
+
+
+def _is_synthetic(config: dict[str, Any]) -> bool:
+    return config.get("data", {}).get("source") == "synthetic"
+
+
+def _description(metadata: dict[str, Any]) -> str:
+    config = metadata["config"]
+    model = metadata["model"]
+    subjects = list(model["subjects"])
+    condition = model["condition"]
+    what = {"head": "the pretrained SoundNet-8 with only a brain-encoding head fitted (baseline)",
+            "null": "a randomly initialised SoundNet-8 with a brain-encoding head (null model)"}.get(
+        condition, f"SoundNet-8 fine-tuned from {condition} to conv7 to predict brain activity")
+    lines = [f"SoundNet-8 with a brain-encoding head: {what}, for "
+             f"{'subject ' + subjects[0] if len(subjects) == 1 else 'subjects ' + ', '.join(subjects)}.",
+             "",
+             "**Intended use**: audio representations for downstream tasks through the HEAR API, and "
+             "predictions of the training subjects' brain responses to audio (the `extra.head.*` "
+             "tensors; see `brain_head` in the configuration). Not for clinical or diagnostic use."]
+    if _is_synthetic(config):
+        lines += ["", "**Demo model**: trained on the synthetic Friends-like dataset embedded in "
+                  "hear-brainsoundnet (generated audio and simulated BOLD), not on real fMRI. It "
+                  "shows the pipeline working end to end; it is not a brain-aligned network."]
+    return "\n".join(lines)
+
+
+def export(run: str | Path, out_dir: str | Path, *, name: str | None = None) -> Export:
+    """Export the best model of a run directory (or a ``best.safetensors`` file) to ``out_dir``.
+
+    The checkpoint loads in the HEAR plugin (``hear_brainsoundnet.load_model(out_dir /
+    "model.safetensors")``) and carries the heads and the provenance.
+    """
+    run = Path(run)
+    best = run / "best.safetensors" if run.is_dir() else run
+    if not best.is_file():
+        raise FileNotFoundError(f"{best}: no best model (has the run finished an epoch?)")
+    model, metadata = load_model(best)
+    config = metadata["config"]
+    name = name or default_name(metadata)
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"name {name!r} must match {NAME_PATTERN.pattern} (it becomes a module name)")
+    subjects = list(model.heads)
+    history_path = best.parent / "curves.csv"
+    provenance = {
+        "name": name,
+        "condition": model.condition,
+        "subjects": subjects,
+        "training_data": metadata.get("data", {}),
+        "synthetic_data": _is_synthetic(config),
+        "initial_weights": ("random (seed {})".format(config["run"]["seed"]) if model.condition == "null"
+                            else config["model"]["init"]),
+        "metrics": {"best_val_loss_mse": metadata["val_loss"], "best_epoch": metadata["epoch"]},
+        "seed": config["run"]["seed"],
+        "code_version": _code_version(),
+        "training_config": config,
+        "curves": history_path.name if history_path.is_file() else None,
+        "licence": LICENCE,
+    }
+    head_config = {"brain_head": {
+        "type": "causal temporal convolution", "feature_layer": FEATURE_LAYER,
+        "kernel_trs": model.kernel_trs, "tr": metadata["tr"], "subjects": subjects,
+        "targets": metadata["target_names"], "formula": BRAIN_HEAD_FORMULA,
+        "tensors": sorted(head_tensors(model)), "batchnorm_during_training": model.batchnorm}}
+    out_dir = Path(out_dir)
+    checkpoint_path = save_checkpoint(out_dir / CHECKPOINT_FILENAME, plain_backbone(model),
+                                      provenance=provenance, extra_tensors=head_tensors(model),
+                                      extra_config=head_config)
+    card_path = out_dir / "README.md"
+    card_path.unlink(missing_ok=True)  # regenerate: save_pretrained keeps an existing card
+    HubCheckpoint(load_checkpoint(checkpoint_path)).save_pretrained(out_dir, model_card_kwargs={
+        "name": name, "description": _description(metadata), "metrics": provenance["metrics"]})
+    return Export(out_dir, checkpoint_path, card_path, sha256_file(checkpoint_path), name)
+
+
+def load_brain_model(path: str | Path, device: str = "cpu") -> tuple[EncodingModel, dict[str, Any]]:
+    """The :class:`EncodingModel` (backbone + brain heads, eval mode) of an exported checkpoint,
+    and the heads' description (``brain_head``: subjects, target names, kernel, TR)."""
+    checkpoint = load_checkpoint(path)
+    head = checkpoint.config.get("extra", {}).get("brain_head")
+    if head is None:
+        raise CheckpointError(f"{path}: no brain head in this checkpoint (a plain SoundNet-8?); "
+                              "brain predictions need a checkpoint exported by training.publish")
+    provenance = checkpoint.provenance
+    model = EncodingModel({s: len(head["targets"][s]) for s in head["subjects"]},
+                          kernel_trs=head["kernel_trs"], condition=provenance.get("condition", "head"),
+                          batchnorm=head.get("batchnorm_during_training", "frozen-eval"))
+    model.backbone.load_state_dict({k: v for k, v in checkpoint.model.state_dict().items()
+                                    if k.startswith("blocks.")})
+    load_heads(model, checkpoint.extra, str(path))
+    return model.to(device).eval(), head
+
+
+def publish(folder: str | Path, repo_id: str, *, name: str, manifest: str | Path,
+            endpoint: str | None = None, token: str | None = None, private: bool = False,
+            commit_message: str | None = None) -> Publication:
+    """Upload an exported folder to ``repo_id`` and record it in the manifest file ``manifest``.
+
+    The manifest entry pins the commit the upload created and the checkpoint's sha256; an entry
+    of the same name is replaced, other entries are kept.
+    """
+    folder = Path(folder)
+    checkpoint_path = folder / CHECKPOINT_FILENAME
+    checkpoint = load_checkpoint(checkpoint_path)  # refuses anything the plugin could not load
+    sha256 = sha256_file(checkpoint_path)
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                               commit_message=commit_message or f"hear-brainsoundnet {name}")
+    provenance = checkpoint.provenance
+    entry = ManifestEntry(
+        name=name, description=_description({"config": provenance.get("training_config", {}),
+                                             "model": {"subjects": {s: 0 for s in provenance.get("subjects", [])},
+                                                       "condition": provenance.get("condition", "")}}
+                                            ).split("\n")[0],
+        source="hub", sha256=sha256, licence=LICENCE, card=f"{repo_id}/README.md",
+        training={key: provenance.get(key) for key in ("condition", "subjects", "metrics", "seed",
+                                                         "code_version", "synthetic_data")},
+        repo_id=repo_id, filename=CHECKPOINT_FILENAME, revision=commit.oid)
+    manifest = Path(manifest)
+    entries = load_manifest(manifest) if manifest.is_file() else {}
+    entries[name] = entry
+    write_manifest(manifest, entries.values())
+    return Publication(repo_id, commit.oid, CHECKPOINT_FILENAME, sha256, manifest, entry)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.publish", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ex = commands.add_parser("export", help="best model of a run -> HEAR checkpoint folder with model card")
+    ex.add_argument("run", help="run directory (or its best.safetensors)")
+    ex.add_argument("out_dir")
+    ex.add_argument("--name", help="checkpoint name (default: condition_subject)")
+    pub = commands.add_parser("publish", help="upload an exported folder and record it in a manifest")
+    pub.add_argument("folder")
+    pub.add_argument("--repo-id", required=True)
+    pub.add_argument("--name", required=True)
+    pub.add_argument("--manifest", required=True, help="manifest file to update (weights/manifest.json format)")
+    pub.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
+    pub.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            result = export(args.run, args.out_dir, name=args.name)
+            print(json.dumps({"folder": str(result.folder), "checkpoint": str(result.checkpoint),
+                              "sha256": result.sha256, "name": result.name}, indent=1))
+        else:
+            done = publish(args.folder, args.repo_id, name=args.name, manifest=args.manifest,
+                           endpoint=args.endpoint, private=args.private)
+            print(json.dumps({"repo_id": done.repo_id, "revision": done.revision, "sha256": done.sha256,
+                              "manifest": str(done.manifest)}, indent=1))
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
