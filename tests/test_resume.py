@@ -24,7 +24,7 @@ def write_config(path: Path, dataset_root: Path, out_dir: Path) -> Path:
 name = "resume"
 out_dir = "{out_dir}"
 seed = 7
-threads = 2
+threads = 1
 progress = false
 [data]
 source = "synthetic"
