@@ -41,8 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .soundnet import (BACKBONE_LAYERS, HEAD_LAYERS, Block, BlockSpec, SoundNet8, min_input_length,
-                       output_length)
+from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, Block, BlockSpec, SoundNet8
 
 # Outputs per matrix row R, per layer, as (on one thread, on several threads). conv1: R = 8
 # makes the product 128 columns wide (16 channels x 8 outputs) for 1.25x the FLOPs; R = 1
@@ -253,18 +252,10 @@ class FastSoundNet(nn.Module):
                 layers: Sequence[str] = ("conv7",)) -> dict[str, torch.Tensor]:
         if waveform.device.type != "cpu":
             return self.plain(waveform, layers)
-        layers = self.plain._check_layers(layers)
-        if waveform.dim() != 2:
-            raise ValueError(f"waveform must be (batch, samples), got shape {tuple(waveform.shape)}")
         if waveform.dtype != torch.float32:
             raise ValueError(f"waveform must be float32, got {waveform.dtype}")
-        for name in layers:
-            if output_length(name, waveform.shape[-1]) < 1:
-                raise ValueError(f"{waveform.shape[-1]} samples are too short for {name}: it needs at "
-                                 f"least {min_input_length(name)} samples (pad the audio)")
+        layers, deepest = self.plain.check_input(waveform, layers)
         wanted = set(layers)
-        deepest = max(BACKBONE_LAYERS.index(n) if n in BACKBONE_LAYERS else len(BACKBONE_LAYERS)
-                      for n in layers)
         blocks = dict(self.blocks)
         if torch.get_num_threads() > 1:
             blocks.update(self.threaded_blocks)

@@ -205,27 +205,29 @@ class SoundNet8(nn.Module):
     def geometry(layer: str) -> FrameGeometry:
         return frame_geometry(layer)
 
-    def _check_layers(self, layers: Iterable[str]) -> list[str]:
+    def check_input(self, waveform: torch.Tensor, layers: Iterable[str]) -> tuple[list[str], int]:
+        """Validate a forward call; return the requested layers and the index of the deepest
+        backbone block to run (``len(BACKBONE_LAYERS)`` when a conv8 head is asked for)."""
         layers = list(layers)
         if not layers:
             raise ValueError("ask for at least one layer")
         missing = [name for name in layers if name not in self.layers]
         if missing:
             raise ValueError(f"layer(s) {missing} not in this model; it has {list(self.layers)}")
-        return layers
-
-    def forward(self, waveform: torch.Tensor,
-                layers: Sequence[str] = ("conv7",)) -> dict[str, torch.Tensor]:
-        layers = self._check_layers(layers)
         if waveform.dim() != 2:
             raise ValueError(f"waveform must be (batch, samples), got shape {tuple(waveform.shape)}")
         for name in layers:
             if output_length(name, waveform.shape[-1]) < 1:
                 raise ValueError(f"{waveform.shape[-1]} samples are too short for {name}: it needs at "
                                  f"least {min_input_length(name)} samples (pad the audio)")
-        wanted = set(layers)
         deepest = max(BACKBONE_LAYERS.index(n) if n in BACKBONE_LAYERS else len(BACKBONE_LAYERS)
                       for n in layers)
+        return layers, deepest
+
+    def forward(self, waveform: torch.Tensor,
+                layers: Sequence[str] = ("conv7",)) -> dict[str, torch.Tensor]:
+        layers, deepest = self.check_input(waveform, layers)
+        wanted = set(layers)
         x = waveform.unsqueeze(1) * self.config.input_scale
         outputs: dict[str, torch.Tensor] = {}
         for name in BACKBONE_LAYERS[: deepest + 1]:
