@@ -137,6 +137,16 @@ def test_a_generated_task_is_valid(scene):
     assert info.splits == ("train", "valid", "test")
 
 
+def test_test_set_sizes_count_the_test_clips(tmp_path):
+    tasks = tmp_path / "tasks"
+    hear_tasks.scene_task(tasks, per_class=2, duration=0.5)  # 4 classes x 1 test clip
+    hear_tasks.kfold_task(tasks, per_class=3, duration=0.5)  # 3 folds of 3 classes x 3 clips
+    hear_tasks.pitch_task(tasks, per_pitch=2, duration=0.5)  # 12 pitches x 1 test clip
+    infos, problems = hear_eval.scan_tasks(tasks)
+    assert not problems
+    assert hear_eval.test_set_sizes(infos) == {"synth_kfold": (9, 9, 9), "synth_pitch": (12,), "synth_scene": (4,)}
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda t: (t / "task_metadata.json").unlink(), "missing task_metadata.json"),
     (lambda t: (t / "task_metadata.json").write_text("{"), "task_metadata.json is not valid JSON"),

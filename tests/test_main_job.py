@@ -130,6 +130,18 @@ def test_other_settings_in_the_same_workdir_are_refused(job):
         run_main_job(work, report, size="tiny", seed=1, progress=False)
 
 
+def test_a_changed_dataset_design_is_refused_not_resumed(job, monkeypatch):
+    """A work folder made by an older dataset design would resume on stale data: refused."""
+    from dataclasses import replace
+
+    from training import synthetic
+
+    work, report, _ = job
+    monkeypatch.setitem(synthetic.SIZES, "tiny", replace(synthetic.SIZES["tiny"], episodes_per_season=2))
+    with pytest.raises(SystemExit, match="other settings"):
+        run_main_job(work, report, size="tiny", seed=0, progress=False)
+
+
 def test_claims_are_computed_from_the_comparisons():
     """The report's claims on hand-made comparison tables: a significant gain in one auditory
     parcel per subject makes the conv4 claim hold; a noise parcel at r = 0.2 breaks the noise one."""

@@ -162,3 +162,6 @@ def test_sizes_are_consistent():
     default = SIZES["default"]
     # the test season has >= 12 runs: enough for a Wilcoxon test across runs to survive FDR
     assert default.episodes_per_season * 2 >= 12 and default.n_subjects >= 3 and default.n_seasons >= 3
+    # fine-tuning 2.8 M parameters needs data: ~1,800 training TRs per subject (750 only tied)
+    runs = (default.n_seasons - 1) * default.episodes_per_season * 2
+    assert runs * default.run_seconds / default.tr * 0.75 > 1500

@@ -161,26 +161,21 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_dataset,
 
 # ---- the study's claim on synthetic data ----------------------------------------------------
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
 @pytest.mark.timeout(1200)
 def test_conv4_fine_tuning_beats_the_head_only_baseline(tmp_path):
-    """conv4 fine-tuning reaches a lower validation loss than the head-only baseline.
+    """On the default synthetic dataset (generated on first use, as a user's first run does),
+    the shipped experiment files give conv4 a lower validation loss than the head-only baseline.
 
-    The default synthetic dataset gives each subject about 750 training TRs, too few for
-    fine-tuning 2.8 M parameters to generalise (it ties or loses: see the report); with 1,440
-    (one subject, 32 runs of 90 s, one season split 75/25) it wins clearly, as it does with the
-    "large" size.
+    Measured: sub-01, 0.762 vs 0.787 (about 1,800 training TRs). Both runs are seeded and
+    deterministic on CPU; the margin asked for, 0.01, is 40 % of the measured gap.
     """
-    from training.synthetic import generate_friends_like
-
-    root = tmp_path / "data"
-    generate_friends_like(root, size="default", seed=0, n_subjects=1, n_seasons=1, episodes_per_season=16,
-                          run_seconds=90.0, video=False)
-    common = ["data.source=algonauts", f"data.root={root / 'algonauts'}", f"data.stimuli={root / 'stimuli'}",
-              f"data.cache_dir={root / 'cache'}", "data.test_seasons=[99]", "train.window_trs=30",
-              "model.kernel_trs=6", "train.lr_patience=2", f"run.out_dir={tmp_path}", "run.progress=false"]
-    head = train(load_config(None, [*common, "model.condition=head", "train.lr=1e-4", "train.max_epochs=30",
-                                    "train.early_stopping_patience=3", "run.name=head"]))
-    conv4 = train(load_config(None, [*common, "model.condition=conv4", "train.lr=1e-5", "train.max_epochs=10",
-                                     "run.name=conv4"]))
+    common = [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+              f"run.out_dir={tmp_path / 'runs'}", "run.progress=false"]
+    head = train(load_config(CONFIGS / "synthetic_head.toml", common))
+    conv4 = train(load_config(CONFIGS / "synthetic_conv4.toml", common))
     assert head.stop_reason == "early_stopping"  # the baseline had every chance to fit
-    assert conv4.best_val_loss < head.best_val_loss - 0.005, (conv4.best_val_loss, head.best_val_loss)
+    assert conv4.stop_reason == "early_stopping"
+    assert conv4.best_val_loss < head.best_val_loss - 0.01, (conv4.best_val_loss, head.best_val_loss)

@@ -261,6 +261,7 @@ class MainJob:
         import pandas as pd
 
         from training.evaluate import HeldOutResults, read_table
+        from training.hear_eval import SUITES, scan_tasks, test_set_sizes
         from training.report import ReportInputs, check_claims, write_report
         from training.synthetic import SyntheticDataset
 
@@ -284,6 +285,7 @@ class MainJob:
         hear_dir = self.workdir / "hear"
         hear_scores = read_table(hear_dir / "hear_scores.csv") if (hear_dir / "hear_scores.csv").is_file() else None
         hear_status = json.loads((hear_dir / "hear_status.json").read_text())
+        test_sizes = test_set_sizes(scan_tasks(self.workdir / "hear_tasks")[0])
         data_config = dataset.config
         kinds = pd.Series([p["kind"] for p in dataset.ground_truth()["parcels"]]).value_counts().to_dict()
         first = self.subjects()[0]
@@ -311,7 +313,13 @@ class MainJob:
                    "are not brain-aligned networks.",
                    f"Held-out statistics use {held_out.summary['n_runs'].min()} test runs per subject: "
                    f"the smallest possible two-sided Wilcoxon p is "
-                   f"{2 * 0.5 ** int(held_out.summary['n_runs'].min()):.2g}."])
+                   f"{2 * 0.5 ** int(held_out.summary['n_runs'].min()):.2g}.",
+                   "The generated HEAR suite is small (test clips: "
+                   + ", ".join(f"{task} {'+'.join(map(str, n))}" for task, n in test_sizes.items())
+                   + f"): even in the largest, one clip moves an accuracy by "
+                   f"{1 / max(map(max, test_sizes.values())):.3f}, so differences of a clip or two are noise. "
+                   "Predictor grid (one point, trained to convergence): "
+                   f"{SUITES[self.spec.hear_suite]['grid']}."])
         readme = write_report(self.report_dir, inputs)
         return {"report": str(readme)}
 
@@ -334,10 +342,19 @@ class MainJob:
         if self.threads:
             torch.set_num_threads(self.threads)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # The fingerprint of the size's settings: a work folder made by other settings is refused.
+        # The fingerprint of everything that shapes the results (the size's caps, the dataset's
+        # design, the task suite, the experiment files): a work folder made otherwise is refused,
+        # rather than resumed on stale data.
         import hashlib
 
-        spec = hashlib.sha256(json.dumps(asdict(self.spec), sort_keys=True).encode()).hexdigest()[:12]
+        from training.hear_eval import SUITES
+        from training.synthetic import SIZES as DATA_SIZES
+
+        settings = {"job": asdict(self.spec), "data": asdict(DATA_SIZES[self.spec.data_size]),
+                    "hear_suite": SUITES[self.spec.hear_suite],
+                    "configs": {f: (CONFIGS_DIR / f).read_text() if (CONFIGS_DIR / f).is_file() else None
+                                for f in sorted(RUN_CONFIGS.values())}}
+        spec = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         state = JobState.open(self.workdir / "main_job.json",
                               {"size": self.size, "seed": self.seed, "settings_sha256": spec})
         steps = self.steps()

@@ -218,6 +218,17 @@ def scan_tasks(tasks_dir: str | os.PathLike, sample_rate: int = 22050
     return valid, problems
 
 
+def test_set_sizes(tasks: Sequence[TaskInfo]) -> dict[str, tuple[int, ...]]:
+    """Number of clips each task's test score is measured on, by task name: one count, or one
+    per fold for k-fold tasks (each fold is tested once, trained on the others)."""
+    sizes = {}
+    for task in tasks:
+        name = _load_json(task.path / "task_metadata.json", task.path)["task_name"]
+        splits = task.splits if task.split_mode == "new_split_kfold" else ("test",)
+        sizes[name] = tuple(len(_load_json(task.path / f"{split}.json", task.path)) for split in splits)
+    return sizes
+
+
 # ----------------------------------------------------------------------------------------------
 # Aggregation
 # ----------------------------------------------------------------------------------------------
@@ -380,8 +391,8 @@ def write_tables(scores: pd.DataFrame, out_dir: str | os.PathLike, stem: str = "
 
 # A small predictor grid (heareval's default grid trains up to 500 epochs per point): one
 # hidden layer, early stopping on the task's score; written into each task's metadata.
-SUITE_GRID = {"hidden_layers": [1], "hidden_dim": [256], "lr": [1e-3], "max_epochs": [60],
-              "patience": [8], "check_val_every_n_epoch": [1]}
+SUITE_GRID = {"hidden_layers": [1], "hidden_dim": [256], "lr": [1e-3], "max_epochs": [300],
+              "patience": [10], "check_val_every_n_epoch": [3], "batch_size": [32]}
 # Sizes of the generated suite: arguments of the training.hear_tasks generators.
 SUITES: dict[str, dict[str, Any]] = {
     "default": {"grid": SUITE_GRID,
