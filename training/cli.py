@@ -12,7 +12,8 @@ Commands::
 The main job (``python -m training main``) is resumable: each finished step is recorded in
 ``<workdir>/main_job.json`` and skipped when the command is run again (training runs and
 heareval also resume inside a step). ``--size tiny`` is the small setting the tests use.
-Measured on the 2-core development machine (shared, load 2-6): default 11.0 min, tiny 1.0 min.
+Measured on the 2-core development machine (`time make demo`, clean clone): default 7.1 min;
+`--size tiny` about 1 min.
 """
 from __future__ import annotations
 
@@ -476,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--out", default="report", help="report folder (default: report)")
     main.add_argument("--workdir", help="data, runs and intermediate results (default: runs/main-SIZE)")
     main.add_argument("--size", default="default", choices=sorted(SIZES),
-                      help="default (about 11 min on 2 cores) or tiny (for tests, about 1-3 min)")
+                      help="default (about 7 min on 2 cores) or tiny (for tests, about 1 min)")
     main.add_argument("--quick", dest="size", action="store_const", const="tiny", help="same as --size tiny")
     main.add_argument("--seed", type=int, default=0)
     main.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
