@@ -36,9 +36,13 @@ CONDITIONS = ("head", "conv4", "null")  # the baseline, the study's main model, 
 GROUP_CONDITION = "conv4"
 
 
-# The experiment files the main job trains (the training engineer's, in the repository's
-# configs/): the main job only points them at its own work folder and applies the size's caps.
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The experiment files the main job trains (the repository's configs/; a wheel carries them as
+# training/configs, see setup.cfg): the main job only points them at its own work folder and
+# applies the size's caps.
+CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+                                Path(__file__).resolve().parent / "configs")
+                    if (d / "synthetic_conv4.toml").is_file()),
+                   Path(__file__).resolve().parent.parent / "configs")
 RUN_CONFIGS = {"head": "synthetic_head.toml", "conv4": "synthetic_conv4.toml",
                "null": "synthetic_null.toml", "group": "synthetic_group.toml"}
 
@@ -170,8 +174,8 @@ class MainJob:
 
         path = CONFIGS_DIR / RUN_CONFIGS[kind]
         if not path.is_file():
-            raise SystemExit(f"{path}: missing; the main job runs from a clone of the repository, "
-                             "whose configs/ folder holds the experiment files it trains")
+            raise SystemExit(f"{path}: missing; the main job trains the experiment files of the "
+                             "repository's configs/ folder (installed as training/configs)")
         values = {"run.name": name, "run.out_dir": str(self.runs_dir), "run.seed": self.seed,
                   "run.threads": self.threads, "run.progress": self.progress_enabled,
                   "data.source": "synthetic", "data.root": str(self.data_dir),
