@@ -63,12 +63,13 @@ Why these features: the loudness and sound-class envelopes are what a pretrained
 readily encodes; pitch channels, vowel quality and high-band noise are narrower spectral
 properties that SoundNet's pretrained conv7 (trained to recognise objects and scenes) need
 not represent linearly, so fine-tuning deeper layers has room to help.  Measured on the
-default dataset (seed 0, sub-01, ridge trained on seasons 1-2, per-run r on season 3 as a
-fraction of the noise ceiling, auditory parcels): pretrained conv7 with a 5-TR causal
-linear readout reaches 0.70 (0.53 to 0.86 across parcels, lowest for music and the middle
-pitch channel); the true features (before the HRF) with an 8-TR causal linear readout, i.e.
-a perfect feature extractor under the study's head, 0.92; a log-mel readout 0.82; noise
-parcels stay at 0.
+earlier, smaller default (6 episodes of 60 s per season; seed 0, sub-01, ridge trained on
+seasons 1-2, per-run r on season 3 as a fraction of the noise ceiling, auditory parcels):
+pretrained conv7 with a 5-TR causal linear readout reaches 0.70 (0.53 to 0.86 across
+parcels, lowest for music and the middle pitch channel); the true features (before the HRF)
+with an 8-TR causal linear readout, i.e. a perfect feature extractor under the study's head,
+0.92; a log-mel readout 0.82; noise parcels stay at 0.  On the current default the main job
+measures (median over parcels, 3 subjects): head-only 0.78, conv4 0.83, random-init null 0.68.
 
 Sizes (:data:`SIZES`): ``"tiny"`` for tests (2 subjects, 3 seasons x 1 episode x 2
 halves = 6 runs of about 60 s, 10 parcels, 10x12x10 voxels of 12 mm; about 4 s to
