@@ -142,6 +142,23 @@ def test_a_changed_dataset_design_is_refused_not_resumed(job, monkeypatch):
         run_main_job(work, report, size="tiny", seed=0, progress=False)
 
 
+def test_experiment_values_not_comments_fingerprint_a_work_folder(job, tmp_path, monkeypatch):
+    import shutil
+
+    from training import cli
+
+    work, report, readme = job
+    configs = tmp_path / "configs"
+    shutil.copytree(cli.CONFIGS_DIR, configs)
+    monkeypatch.setattr(cli, "CONFIGS_DIR", configs)
+    conv4 = configs / "synthetic_conv4.toml"
+    conv4.write_text("# an edited comment\n" + conv4.read_text())
+    assert run_main_job(work, report, size="tiny", seed=0, threads=2, progress=False) == readme
+    conv4.write_text(conv4.read_text().replace("lr = 1e-5", "lr = 2e-5"))
+    with pytest.raises(SystemExit, match="other settings"):
+        run_main_job(work, report, size="tiny", seed=0, progress=False)
+
+
 def test_claims_are_computed_from_the_comparisons():
     """The report's claims on hand-made comparison tables: a significant gain in one auditory
     parcel per subject makes the conv4 claim hold; a noise parcel at r = 0.2 breaks the noise one."""

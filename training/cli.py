@@ -351,14 +351,16 @@ class MainJob:
         # design, the task suite, the experiment files): a work folder made otherwise is refused,
         # rather than resumed on stale data.
         import hashlib
+        import tomllib
 
         from training.hear_eval import SUITES
         from training.synthetic import SIZES as DATA_SIZES
 
         settings = {"job": asdict(self.spec), "data": asdict(DATA_SIZES[self.spec.data_size]),
                     "hear_suite": SUITES[self.spec.hear_suite],
-                    "configs": {f: (CONFIGS_DIR / f).read_text() if (CONFIGS_DIR / f).is_file() else None
-                                for f in sorted(RUN_CONFIGS.values())}}
+                    # the files' values, not their text: a comment edit keeps a work folder valid
+                    "configs": {f: tomllib.loads((CONFIGS_DIR / f).read_text()) if (CONFIGS_DIR / f).is_file()
+                                else None for f in sorted(RUN_CONFIGS.values())}}
         spec = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         state = JobState.open(self.workdir / "main_job.json",
                               {"size": self.size, "seed": self.seed, "settings_sha256": spec})
