@@ -47,7 +47,7 @@ Ground truth
    reproduce the HDF5 up to float32 rounding -- and only with the right confounds.
 6. *Confounds*: random-walk motion parameters (and their derivatives and squares),
    white-matter and CSF signals, orthogonalised run by run to the feature regressors (and
-   a constant).  With 40-TR runs and 26 confound regressors, confounds drawn independently
+   a constant).  With runs of 40-70 TRs and 26 confound regressors, confounds drawn independently
    of the stimulus would remove most of the stimulus-driven variance; real runs have about
    480 TRs.  The derived columns are therefore not exactly the derivative or square of the
    base columns; derivative columns keep fMRIPrep's ``n/a`` first row.  Cosine regressors
@@ -74,8 +74,8 @@ measures (median over parcels, 3 subjects): head-only 0.78, conv4 0.83, random-i
 Sizes (:data:`SIZES`): ``"tiny"`` for tests (2 subjects, 3 seasons x 1 episode x 2
 halves = 6 runs of about 60 s, 10 parcels, 10x12x10 voxels of 12 mm; about 4 s to
 generate here), ``"default"`` (3 subjects, 3 seasons x 10 episodes x 2 halves = 60 runs of
-about 90 s (61 TRs), 24 parcels: 14 auditory, 4 weak, 6 noise, 16x20x16 voxels of 8 mm;
-about 40 s and 370 MB here, on 2 cores), ``"large"`` (4 subjects, 4 seasons x 12
+about 90 s (58-67 volumes), 24 parcels: 14 auditory, 4 weak, 6 noise, 16x20x16 voxels of
+8 mm; 30-40 s and 370 MB here, on 2 cores), ``"large"`` (4 subjects, 4 seasons x 12
 episodes, 90 s runs).  In every size the second subject misses one run of season 1.
 The default is sized so that the study's effect can show: each subject has about 1,800
 training TRs (seasons 1-2 less a quarter for validation), and fine-tuning conv4..conv7

@@ -1,7 +1,7 @@
 """Fine-tune SoundNet to predict brain activity: the training loop, resumable and distributed.
 
     python -m training.train configs/synthetic_conv4.toml [--set train.lr=1e-4 ...]
-    torchrun --nproc-per-node 2 -m training.train configs/synthetic_conv4.toml
+    torchrun --nproc-per-node 2 -m training.train configs/synthetic_conv4.toml --set train.windows_per_batch=2
 
 or from Python: ``train(load_config(path)) -> TrainResult``.
 
