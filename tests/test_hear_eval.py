@@ -145,6 +145,10 @@ def test_test_set_sizes_count_the_test_clips(tmp_path):
     infos, problems = hear_eval.scan_tasks(tasks)
     assert not problems
     assert hear_eval.test_set_sizes(infos) == {"synth_kfold": (9, 9, 9), "synth_pitch": (12,), "synth_scene": (4,)}
+    # pre-split folds count the same way
+    _edit_json(tasks / "synth_kfold-v1-full" / "task_metadata.json", lambda m: m.update(split_mode="presplit_kfold"))
+    infos, problems = hear_eval.scan_tasks(tasks)
+    assert not problems and hear_eval.test_set_sizes(infos)["synth_kfold"] == (9, 9, 9)
 
 
 @pytest.mark.parametrize("breakage, message", [

@@ -61,10 +61,12 @@ class TaskInfo:
     """A valid HEAR task folder and the metadata heareval will use."""
 
     path: Path
-    name: str
+    name: str  # the folder's name
+    task_name: str  # task_metadata.json's
     embedding_type: str
     split_mode: str
     splits: tuple[str, ...]
+    split_sizes: tuple[int, ...]  # clips listed in each split's json, in the order of splits
     evaluation: tuple[str, ...]
 
     @property
@@ -140,11 +142,10 @@ def validate_task(path: str | os.PathLike, sample_rate: int = 22050,
         raise TaskError(f"task {task.name}: sample_duration must be a positive number of seconds "
                         f"or null, got {duration!r}")
     vocabulary = _read_vocabulary(task)
-    for split in splits:
-        _check_split(task, split, meta, vocabulary, sample_rate)
-    return TaskInfo(path=task, name=task.name, embedding_type=meta["embedding_type"],
-                    split_mode=meta["split_mode"], splits=tuple(splits),
-                    evaluation=tuple(evaluation))
+    sizes = tuple(_check_split(task, split, meta, vocabulary, sample_rate) for split in splits)
+    return TaskInfo(path=task, name=task.name, task_name=meta["task_name"],
+                    embedding_type=meta["embedding_type"], split_mode=meta["split_mode"],
+                    splits=tuple(splits), split_sizes=sizes, evaluation=tuple(evaluation))
 
 
 def _read_vocabulary(task: Path) -> set[str]:
@@ -168,7 +169,8 @@ def _read_vocabulary(task: Path) -> set[str]:
 
 
 def _check_split(task: Path, split: str, meta: Mapping[str, Any], vocabulary: set[str],
-                 sample_rate: int) -> None:
+                 sample_rate: int) -> int:
+    """Check one split's labels and audio; return its number of clips."""
     path = task / f"{split}.json"
     labels = _load_json(path, task)
     if not isinstance(labels, dict) or not labels:
@@ -200,6 +202,7 @@ def _check_split(task: Path, split: str, meta: Mapping[str, Any], vocabulary: se
     if absent:
         raise TaskError(f"task {task.name}: {len(absent)} file(s) of {path.name} missing from "
                         f"{audio}, e.g. {absent[0]!r}")
+    return len(labels)
 
 
 def scan_tasks(tasks_dir: str | os.PathLike, sample_rate: int = 22050
@@ -221,12 +224,9 @@ def scan_tasks(tasks_dir: str | os.PathLike, sample_rate: int = 22050
 def test_set_sizes(tasks: Sequence[TaskInfo]) -> dict[str, tuple[int, ...]]:
     """Number of clips each task's test score is measured on, by task name: one count, or one
     per fold for k-fold tasks (each fold is tested once, trained on the others)."""
-    sizes = {}
-    for task in tasks:
-        name = _load_json(task.path / "task_metadata.json", task.path)["task_name"]
-        splits = task.splits if task.split_mode == "new_split_kfold" else ("test",)
-        sizes[name] = tuple(len(_load_json(task.path / f"{split}.json", task.path)) for split in splits)
-    return sizes
+    return {task.task_name: tuple(n for split, n in zip(task.splits, task.split_sizes)
+                                  if task.split_mode in KFOLD_MODES or split == "test")
+            for task in tasks}
 
 
 # ----------------------------------------------------------------------------------------------
