@@ -4,7 +4,9 @@ HEAR plugins (modules the HEAR tools import by name):
 
 - ``hear_brainsoundnet``: ``load_model()`` loads the pretrained SoundNet-8;
   ``load_model(NAME_OR_PATH)`` any manifest checkpoint or checkpoint file
-  (``hear-validator hear_brainsoundnet -m PATH``, heareval ``--model PATH``).
+  (``hear-validator hear_brainsoundnet -m PATH``, heareval ``--model PATH``). A name is looked
+  up in the manifest only; an argument is a path when it has a ``/`` or ends in
+  ``.safetensors`` (``./NAME`` for a file or folder in the working directory).
 - ``hear_brainsoundnet.models.<name>``: one module per manifest entry, whose bare
   ``load_model()`` loads that checkpoint (see :mod:`hear_brainsoundnet.models`).
 
@@ -27,7 +29,8 @@ _OPTIONS = tuple(name for name, parameter in
 
 
 def load_model(model_file_path: str = "", **options) -> BrainSoundNetEmbedding:
-    """The HEAR model of a checkpoint: a manifest name, a checkpoint file, or "" (pretrained)."""
+    """The HEAR model of a checkpoint: a manifest name, a checkpoint path (with a ``/`` or
+    ending in ``.safetensors``), or "" (pretrained)."""
     from .checkpoints import load_checkpoint
     from .hub import resolve_checkpoint
 
@@ -51,5 +54,6 @@ def get_scene_embeddings(audio: torch.Tensor, model: BrainSoundNetEmbedding) -> 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: BrainSoundNetEmbedding
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_sounds, n_frames, timestamp_embedding_size) float32 and frame centres (n_sounds, n_frames) in ms."""
+    """(n_sounds, n_frames, timestamp_embedding_size) float32, and frame centres (n_sounds,
+    n_frames) in ms as float64 (exact to 1e-8 ms at any clip length)."""
     return _check_model(model).timestamp_embeddings(audio)

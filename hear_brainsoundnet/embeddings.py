@@ -20,7 +20,10 @@
 
 Timestamps are frame centres derived from the architecture (:func:`soundnet.frame_geometry`):
 frame ``j`` of a layer is centred on input sample ``first_centre + j * hop``, converted to ms as
-``1000 * centre / 22050`` from exact integers and halves, so nothing accumulates. The frames
+``1000 * centre / 22050`` from exact integers and halves, so nothing accumulates. They are
+computed and returned as **float64** (within 1e-8 ms of the exact centre for any clip length;
+float32 would round them by up to 2 ms at 10 hours); on an MPS device, which has no float64,
+they are returned on the CPU. The frames
 kept are those whose centre lies inside the clip (``0 <= centre < n_samples``): the first is
 within one hop of 0 ms and the last never exceeds the clip's duration (conv4's frame 0 is
 centred at -12.4 ms and is dropped; the next is at 34.0 ms).
@@ -41,6 +44,15 @@ frame depends on lies inside that chunk, so the output equals a single pass over
 
 Every network pass goes through :func:`_forward_layers`, the single place where a faster
 inference path can be plugged in.
+
+The embeddings are frozen features: they never depend on, or change, the module's train/eval
+mode. ``model.train()`` sets the module's flag (so a training framework sees what it asked
+for) but the network always runs with its stored BatchNorm statistics and never updates them.
+
+Bad input is refused with an error naming the sound and sample: non-floating or non-finite
+audio, and audio whose peak exceeds ``MAX_ABS_AMPLITUDE`` (100, i.e. 40 dB over HEAR's [-1, 1]:
+such audio is on another scale, e.g. int16 PCM, and values near float32's limit overflow the
+network into NaN). Embeddings are checked to be finite before they are returned.
 """
 from __future__ import annotations
 
@@ -60,6 +72,9 @@ TIMESTAMP_LAYER = "conv4"
 SCENE_LAYER = "conv7"
 SCENE_POOLINGS = ("mean", "mean+max")
 DEFAULT_CHUNK_SECONDS = 60.0
+# Largest accepted |sample|: HEAR audio is in [-1, 1]; a little over (resampling overshoot,
+# hot mastering) is fine, 100x over is another scale (int16 PCM is 32768x).
+MAX_ABS_AMPLITUDE = 100.0
 
 
 def _forward_layers(model: SoundNet8 | FastSoundNet, waveform: torch.Tensor,
@@ -243,12 +258,38 @@ def check_audio(audio: torch.Tensor, device: torch.device) -> torch.Tensor:
     audio = audio.float()
     # amax/amin propagate NaN and reach +-inf: a check without clip-sized temporaries
     # (a boolean mask of a 20-minute batch costs ~175 MB of peak memory).
-    if not bool(torch.isfinite(torch.stack([audio.amax(), audio.amin()])).all()):
+    extremes = torch.stack([audio.amax(), audio.amin()])
+    if not bool(torch.isfinite(extremes).all()):
         finite = torch.isfinite(audio)
         sound, sample = (int(i) for i in (~finite).nonzero()[0])
         raise ValueError(f"audio contains {int((~finite).sum())} NaN or infinite value(s), the first "
                          f"in sound {sound} at sample {sample}")
+    peak = float(extremes.abs().max())
+    if peak > MAX_ABS_AMPLITUDE:
+        sound, sample = (int(i) for i in (audio.abs() == peak).nonzero()[0])
+        raise ValueError(f"audio peaks at {peak:.3g} (sound {sound}, sample {sample}): HEAR audio is "
+                         f"in [-1, 1] and values over {MAX_ABS_AMPLITUDE:g} are refused (int16 PCM? "
+                         "divide by 32768)")
     return audio
+
+
+def _check_finite(embeddings: torch.Tensor, what: str, checkpoint: str | None) -> torch.Tensor:
+    """``embeddings`` unchanged, or a FloatingPointError naming the first sound that overflowed."""
+    finite = torch.isfinite(embeddings).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        sound = int((~finite).nonzero()[0])
+        raise FloatingPointError(f"the {what} of sound {sound} are not finite: checkpoint "
+                                 f"{checkpoint or '(in memory)'} overflows float32 on this audio")
+    return embeddings
+
+
+def _check_options(chunk_seconds: object, fast: object) -> None:
+    """Refuse option values of the wrong type (``True`` is an int to Python, not seconds)."""
+    if not (isinstance(chunk_seconds, (int, float)) and not isinstance(chunk_seconds, bool)
+            and math.isfinite(chunk_seconds) and chunk_seconds > 0):
+        raise ValueError(f"chunk_seconds must be a positive number of seconds, got {chunk_seconds!r}")
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be true or false, got {fast!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,9 +312,7 @@ class BrainSoundNetEmbedding(nn.Module):
                                  f"choose one of {list(network.layers)}")
         if scene_pooling not in SCENE_POOLINGS:
             raise ValueError(f"scene_pooling={scene_pooling!r}; choose one of {list(SCENE_POOLINGS)}")
-        if not (isinstance(chunk_seconds, (int, float)) and math.isfinite(chunk_seconds)
-                and chunk_seconds > 0):
-            raise ValueError(f"chunk_seconds must be a positive number of seconds, got {chunk_seconds!r}")
+        _check_options(chunk_seconds, fast)
         self.network = network.eval()
         # What every forward pass runs: the fused CPU path (same outputs to 1e-4, several
         # times faster; see hear_brainsoundnet.fast), or the plain layer-by-layer network.
@@ -288,9 +327,31 @@ class BrainSoundNetEmbedding(nn.Module):
         self.timestamp_embedding_size = int(SPECS[timestamp_layer].out_channels)
         self.eval()  # frozen features: BatchNorm must use its stored statistics
 
+    def train(self, mode: bool = True) -> "BrainSoundNetEmbedding":
+        """Set the module's flag only: the network stays in eval mode (frozen features)."""
+        super().train(mode)
+        self.network.eval()
+        if isinstance(self.runner, nn.Module):
+            self.runner.eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
+
+    def _layer_frames(self, padded: torch.Tensor, wanted: dict[str, tuple[int, int]]
+                      ) -> dict[str, torch.Tensor]:
+        """:func:`layer_frames` in eval mode, whatever mode a caller set on ``self.network``
+        directly; every module's mode is restored afterwards."""
+        training = {module: module.training for module in self.network.modules() if module.training}
+        try:
+            for module in training:
+                module.training = False
+            with torch.no_grad():
+                return layer_frames(self.runner, padded, wanted, self.chunk_samples)
+        finally:
+            for module, mode in training.items():
+                module.training = mode
 
     def extra_repr(self) -> str:
         return (f"checkpoint={self.checkpoint!r}, timestamp_layer={self.timestamp_layer!r}, "
@@ -303,14 +364,16 @@ class BrainSoundNetEmbedding(nn.Module):
         selection = select_frames(layer, audio.shape[1])
         padding = (selection.pad_left, selection.padded_length - selection.pad_left - audio.shape[1])
         padded = nn.functional.pad(audio, padding) if any(padding) else audio
-        with torch.no_grad():
-            out = layer_frames(self.runner, padded, {layer: (selection.first, selection.stop)},
-                               self.chunk_samples)[layer]
-        timestamps = selection.timestamps_ms().to(device=audio.device, dtype=torch.float32)
+        out = self._layer_frames(padded, {layer: (selection.first, selection.stop)})[layer]
+        _check_finite(out, f"{layer} embeddings", self.checkpoint)
+        # float64: exact centres to 1e-8 ms at any length (MPS has no float64: CPU there)
+        device = audio.device if audio.device.type != "mps" else torch.device("cpu")
+        timestamps = selection.timestamps_ms().to(device=device)
         return out.transpose(1, 2).contiguous(), timestamps.expand(audio.shape[0], -1).contiguous()
 
     def timestamp_embeddings(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """HEAR ``get_timestamp_embeddings``: (n_sounds, T, size) float32 and (n_sounds, T) ms."""
+        """HEAR ``get_timestamp_embeddings``: (n_sounds, T, size) float32 and (n_sounds, T)
+        frame centres in ms, float64."""
         return self.frames(audio, self.timestamp_layer)
 
     def scene_embeddings(self, audio: torch.Tensor) -> torch.Tensor:
@@ -320,14 +383,12 @@ class BrainSoundNetEmbedding(nn.Module):
         padding = n_samples - audio.shape[1]
         padded = nn.functional.pad(audio, (0, padding)) if padding else audio
         total = output_length(self.scene_layer, n_samples)
-        with torch.no_grad():
-            out = layer_frames(self.runner, padded, {self.scene_layer: (0, total)},
-                               self.chunk_samples)[self.scene_layer]
+        out = self._layer_frames(padded, {self.scene_layer: (0, total)})[self.scene_layer]
         pooled = out.mean(dim=-1)
         if self.scene_pooling == "mean+max":
             pooled = torch.cat([pooled, out.amax(dim=-1)], dim=1)
-        return pooled
+        return _check_finite(pooled, "scene embeddings", self.checkpoint)
 
 
-__all__ = ["BrainSoundNetEmbedding", "BACKBONE_LAYERS", "SCENE_POOLINGS", "check_audio",
-           "layer_frames", "plan_chunks", "select_frames"]
+__all__ = ["BrainSoundNetEmbedding", "BACKBONE_LAYERS", "MAX_ABS_AMPLITUDE", "SCENE_POOLINGS",
+           "check_audio", "layer_frames", "plan_chunks", "select_frames"]

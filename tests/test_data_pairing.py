@@ -92,7 +92,10 @@ def test_split_by_season_defaults_and_seed():
     episodes = [f"s{s:02d}e{e:02d}{h}" for s in (1, 2, 3, 4) for e in range(1, 7) for h in "ab"]
     split = split_by_season(reversed(episodes), seed=0)
     assert split.test == tuple(e for e in episodes if e.startswith("s04"))
-    assert len(split.validation) == 9 and len(split.train) == 27  # round(0.25 * 36)
+    # 18 whole episodes in seasons 1-3: round(0.25 * 18) = 5 drawn for validation, both halves each
+    assert len(split.validation) == 10 and len(split.train) == 26
+    assert {e[:-1] for e in split.validation}.isdisjoint({e[:-1] for e in split.train})
+    assert all(f"{e[:-1]}a" in split.validation and f"{e[:-1]}b" in split.validation for e in split.validation)
     assert set(split.train) | set(split.validation) == {e for e in episodes if not e.startswith("s04")}
     assert split == split_by_season(episodes, seed=0)  # order of the input does not matter
     assert split_by_season(episodes, seed=1).validation != split.validation
@@ -104,8 +107,10 @@ def test_split_by_season_defaults_and_seed():
     assert all(e.startswith("s03") for e in custom.test) and custom.part_of("s02e01a") is None
     with pytest.raises(ValueError, match="both train and test"):
         split_by_season(episodes, train_seasons=[1, 2], test_seasons=[2])
-    # small pools still get one validation run
-    assert len(split_by_season(["s01e01a", "s01e01b", "s02e01a"]).validation) == 1
+    # small pools still get one validation episode (with all its parts)
+    assert split_by_season(["s01e01a", "s01e01b", "s01e02a", "s02e01a"], seed=0).validation in (
+        ("s01e01a", "s01e01b"), ("s01e02a",))
+    assert split_by_season(["s01e01a", "s01e01b", "s02e01a"]).validation == ()  # one episode: all train
 
 
 def test_explicit_lists_must_be_disjoint():
@@ -136,7 +141,8 @@ def test_subject_specific_missing_runs_and_no_training_run(caplog):
 def test_tiny_dataset_pairs_and_splits(tiny_dataset, tiny_stimuli):
     """Real readers end to end: the scanner's 2 extra volumes are trimmed silently."""
     split = split_by_season(tiny_stimuli.episodes(), seed=0)
-    assert split.test == ("s03e01a", "s03e01b") and len(split.validation) == 1
+    assert split.test == ("s03e01a", "s03e01b") and len(split.validation) == 2  # one whole episode
+    assert {e[:-1] for e in split.validation}.isdisjoint({e[:-1] for e in split.train})
     for subject in tiny_dataset.subjects:
         with warnings.catch_warnings():
             warnings.simplefilter("error")

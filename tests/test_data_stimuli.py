@@ -71,6 +71,33 @@ def test_find_stimuli_names_and_preferences(tmp_path):
         find_stimuli(tmp_path / "missing")
 
 
+def test_full_episodes_other_films_and_unfetched_links(tmp_path):
+    """friends.stimuli / Algonauts layouts: halves are episodes; a full-episode file beside
+    them, Movie10 films and transcripts are not; an unfetched annex link is reported."""
+    from tests.fixtures_data import annex_link
+    from training.data import scan_stimuli
+
+    friends = tmp_path / "movies" / "friends"
+    for name in ("s1/friends_s01e01a.mkv", "s1/friends_s01e01b.mkv", "s1/friends_s01e01.mkv",
+                 "s1/friends_s01e02.mkv", "s2/friends_s02e01a.mkv", "../movie10/bourne/bourne01.mkv",
+                 "../../transcripts/friends/s1/friends_s01e01a.tsv"):  # fmt: skip
+        (friends / name).parent.mkdir(parents=True, exist_ok=True)
+        (friends / name).write_bytes(b"x")
+    annex_link(friends / "s2" / "friends_s02e02a.mkv", tmp_path)
+    annex_link(friends / "s2" / "friends_s02e02.mkv", tmp_path)  # full episode, unfetched
+    found, unfetched = scan_stimuli(tmp_path)
+    # s01e02 has no halves here: kept (a release cut that way pairs with s01e02 runs)
+    assert list(found) == ["s01e01a", "s01e01b", "s01e02", "s02e01a"]
+    assert list(unfetched) == ["s02e02a"]
+    cache = StimulusCache(tmp_path, tmp_path / "cache")
+    assert cache.episodes() == list(found) and cache.unfetched == unfetched
+    link = friends / "s2" / "friends_s02e02a.mkv"
+    with pytest.raises(DataError, match=f"{link}: stimulus of s02e02a not fetched: datalad get {link}"):
+        cache.waveform("s02e02a")
+    with pytest.raises(DataError, match="no stimulus file for episode 's09e01a'"):
+        cache.path("s09e01a")
+
+
 def test_cache_is_memory_mapped_and_reused(tiny_dataset, tiny_stimuli, tmp_path):
     ds = tiny_dataset
     assert tiny_stimuli.episodes() == list(ds.episodes)

@@ -59,6 +59,52 @@ def test_timestamps_do_not_drift_over_twenty_minutes():
     assert ts[-1].item() == pytest.approx(1_199_990.0, abs=10)  # ends within a hop of 20:00
 
 
+def test_timestamps_are_exact_in_float64_at_ten_hours():
+    """At 10 h a float32 millisecond value is rounded by up to 2 ms; the float64 centres the
+    model returns stay within 1e-6 ms of the exact rational centre."""
+    n = 10 * 3600 * SR
+    selection = select_frames("conv4", n)
+    ts = selection.timestamps_ms()
+    assert ts.dtype == torch.float64
+    geometry = frame_geometry("conv4")
+    frames = torch.arange(selection.first, selection.stop, dtype=torch.float64)
+    exact = [Fraction(1000) * (geometry.first_centre + j * geometry.hop) / SR
+             for j in (selection.first, selection.stop // 2, selection.stop - 1)]
+    picked = ts[[0, selection.stop // 2 - selection.first, -1]].tolist()
+    assert all(abs(Fraction(value) - e) < Fraction(1, 10**6) for value, e in zip(picked, exact))
+    assert len(ts) == len(frames) and ts[-1] < 1000 * n / SR
+    rounding = (ts.float().double() - ts).abs().max().item()
+    assert 1.0 < rounding <= 2.0  # what float32 would have cost
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_embeddings_do_not_depend_on_or_change_the_mode(fast):
+    """After .train() the embeddings equal the eval-mode ones, BatchNorm statistics are not
+    updated, and the mode the user set is kept (before: the plain path normalised with batch
+    statistics and overwrote the stored ones)."""
+    network = load_pretrained()  # a private copy: its statistics must stay the checkpoint's
+    stored = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    model = BrainSoundNetEmbedding(network, fast=fast)
+    x = audio(3.0, n_sounds=2, seed=3)
+    scene, (frames, ts) = model.scene_embeddings(x), model.timestamp_embeddings(x)
+
+    def same_everything() -> None:
+        assert torch.equal(model.scene_embeddings(x), scene)
+        assert all(torch.equal(a, b) for a, b in zip(model.timestamp_embeddings(x), (frames, ts)))
+        for name, tensor in network.state_dict().items():
+            assert torch.equal(tensor, stored[name]), f"{name} changed"
+
+    assert model.train() is model and model.training and not model.network.training
+    same_everything()
+    assert model.training  # the calls did not change the mode
+    model.network.train()  # even set directly on the network: eval statistics, mode restored
+    same_everything()
+    assert all(module.training for module in model.network.modules())
+    model.eval()
+    assert not any(module.training for module in model.modules())
+    same_everything()
+
+
 @pytest.mark.parametrize("layer", BACKBONE_LAYERS)
 def test_every_clip_length_keeps_exactly_the_frames_centred_inside(layer):
     geometry = frame_geometry(layer)

@@ -189,3 +189,91 @@ def test_summary_per_kind_and_ceiling_fractions():
     assert row["ceiling_fraction_r"] == pytest.approx(0.4)
     # r2: 0.2/0.4, 0.04/0.2, 0.0/0.05 -> median 0.2.
     assert row["ceiling_fraction_r2"] == pytest.approx(0.2)
+
+
+# ---- pooled test, chance level of r, held-out noise ceiling, scores of any model -------------
+
+def _scores(model: str, r: np.ndarray) -> EncodingScores:
+    runs = [f"s04e{i + 1:02d}a" for i in range(r.shape[0])]
+    return EncodingScores(model, runs, [f"p{j}" for j in range(r.shape[1])], r, r - 0.1)
+
+
+def test_pooled_test_uses_runs_as_units_and_the_target_mask():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.4, size=(12, 5))
+    gain = base + np.array([0.05, 0.05, 0.05, -0.3, -0.3]) + rng.normal(0, 0.01, size=(12, 5))
+    a, b = _scores("head", base), _scores("conv4", gain)
+    auditory = np.array([True, True, True, False, False])
+    pooled = evaluate.pooled_compare(a, b, metric="r", targets=auditory)
+    assert pooled["n_runs"] == 12 and pooled["n_targets"] == 3
+    assert pooled["mean_diff"] == pytest.approx((gain - base)[:, :3].mean(), abs=1e-12)
+    assert pooled["p"] == pytest.approx(2 * 0.5 ** 12)  # every run gains: the exact two-sided minimum
+    assert evaluate.pooled_compare(a, b, metric="r")["mean_diff"] < 0  # all targets: a loss
+    with pytest.raises(ValueError, match="selects no target"):
+        evaluate.pooled_compare(a, b, targets=np.zeros(5, dtype=bool))
+
+
+def test_chance_sd_of_r_matches_simulated_independent_series():
+    """For independent AR(1) series (phi 0.6 and 0.8), the spread of the run-mean r over many
+    simulations is Bartlett's, much wider than the white-noise 1 / sqrt(n)."""
+    rng = np.random.default_rng(1)
+    n, n_runs, n_sim = 80, 3, 600
+
+    def ar1(phi, shape):
+        x = np.zeros(shape)
+        noise = rng.standard_normal(shape)
+        for t in range(shape[0]):
+            x[t] = phi * (x[t - 1] if t else 0) + noise[t]
+        return x
+
+    truth = {f"r{i}": ar1(0.6, (n, n_sim)) for i in range(n_runs)}
+    predictions = {f"r{i}": ar1(0.8, (n, n_sim)) for i in range(n_runs)}
+    mean_r = np.mean([evaluate.pearson_r(truth[k], predictions[k]) for k in truth], axis=0)
+    predicted_sd = evaluate.chance_r_sd(truth, predictions).mean()
+    white = 1 / np.sqrt(n * n_runs)
+    assert predicted_sd > 1.5 * white
+    assert mean_r.std() == pytest.approx(predicted_sd, rel=0.15)
+
+
+def test_held_out_noise_ceiling_averages_only_the_held_out_runs(tmp_path):
+    import json
+
+    truth = {"subjects": {"sub-01": {"noise_ceiling_r_by_run": {
+        "s01e01a": [0.9, 0.0], "s02e01a": [0.5, 0.0], "s03e01a": [0.4, 0.0], "s03e01b": [0.6, 0.2]}}}}
+    (tmp_path / "ground_truth.json").write_text(json.dumps(truth))
+    ceiling = evaluate.held_out_noise_ceiling(tmp_path, "sub-01", ["s03e01a", "s03e01b"])
+    np.testing.assert_allclose(ceiling["r"], [0.5, 0.1])
+    np.testing.assert_allclose(ceiling["r2"], [(0.16 + 0.36) / 2, 0.02])
+    with pytest.raises(ValueError, match="no noise ceiling of sub-01 for runs"):
+        evaluate.held_out_noise_ceiling(tmp_path, "sub-01", ["s04e01a"])
+    with pytest.raises(ValueError, match="no per-run noise ceiling of 'sub-09'"):
+        evaluate.held_out_noise_ceiling(tmp_path, "sub-09", ["s03e01a"])
+
+
+def test_results_from_scores_compares_any_models():
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.1, 0.3, size=(8, 3))
+    scores = {("ridge-log-mel", "sub-01"): _scores("ridge-log-mel", base),
+              ("conv4", "sub-01"): _scores("conv4", base + 0.1)}
+    results = evaluate.results_from_scores(scores, comparisons=[("ridge-log-mel", "conv4")],
+                                           kinds=["auditory", "auditory", "noise"])
+    assert set(results.comparisons["metric"]) == {"r", "r2"}
+    rows = results.comparisons[results.comparisons["metric"] == "r"]
+    np.testing.assert_allclose(rows["mean_diff"], 0.1)
+    assert list(rows["kind"]) == ["auditory", "auditory", "noise"]
+    assert len(results.summary) == 2
+
+
+def test_comparison_table_counts_k_of_n_auditory_and_pools_across_them():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 0.4, size=(12, 4))
+    better = base + np.array([0.2, 0.2, 0.0, 0.0]) + rng.normal(0, 0.01, size=(12, 4))
+    kinds = ["auditory", "auditory", "auditory", "noise"]
+    scores = {("head", "sub-01"): _scores("head", base), ("conv4", "sub-01"): _scores("conv4", better)}
+    results = evaluate.results_from_scores(scores, comparisons=[("head", "conv4")], kinds=kinds)
+    table = evaluate.comparison_table(results, [("head", "conv4")], kinds=kinds)
+    row = table[table["metric"] == "r"].iloc[0]
+    assert (row["n"], row["k_gain"], row["k_loss"], row["n_runs"]) == (3, 2, 0, 12)
+    assert row["mean_diff"] == pytest.approx((better - base)[:, :3].mean())
+    assert row["pooled_p"] == pytest.approx(2 * 0.5 ** 12)
+    assert row["mean_candidate"] == pytest.approx(better[:, :3].mean())

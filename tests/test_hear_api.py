@@ -1,6 +1,7 @@
 """The HEAR API of hear_brainsoundnet and of the per-checkpoint modules, and every bad input."""
 import importlib
 import json
+import re
 import struct
 
 import numpy as np
@@ -73,6 +74,11 @@ def test_options_change_layers_and_pooling(clips):
     ({"scene_layer": "fc"}, ValueError, "scene_layer='fc' is not a layer"),
     ({"scene_pooling": "median"}, ValueError, r"scene_pooling='median'; choose one of \['mean', 'mean\+max'\]"),
     ({"chunk_seconds": 0}, ValueError, "chunk_seconds must be a positive number"),
+    # JSON model options come typed; a bool is not seconds and a string is not a switch
+    ({"chunk_seconds": True}, ValueError, "chunk_seconds must be a positive number of seconds, got True"),
+    ({"chunk_seconds": "60"}, ValueError, "chunk_seconds must be a positive number of seconds, got '60'"),
+    ({"fast": "no"}, ValueError, "fast must be true or false, got 'no'"),
+    ({"fast": 0}, ValueError, "fast must be true or false, got 0"),
 ])
 def test_bad_options_are_clear_errors(options, error, message):
     with pytest.raises(error, match=message):
@@ -101,8 +107,9 @@ def test_per_checkpoint_module_is_a_plugin(model, finetuned, clips):
 
 
 def test_unknown_checkpoint_name_is_a_clear_error():
-    with pytest.raises(UnknownCheckpointError, match=r"unknown checkpoint 'sub99_conv4': not a file, and "
-                                                     r"not a name in the manifest .*manifest.json \(known: pretrained\)"):
+    with pytest.raises(UnknownCheckpointError, match=r"unknown checkpoint 'sub99_conv4': not a name in the "
+                                                     r"manifest .*manifest.json \(known: pretrained\); a "
+                                                     r"checkpoint file is given as a path"):
         load_model("sub99_conv4")
     with pytest.raises(CheckpointError, match="missing.safetensors: no such checkpoint file"):
         load_model("/no/such/missing.safetensors")
@@ -167,6 +174,51 @@ def test_non_finite_audio_is_refused(model, clips, value):
 def test_empty_audio_is_refused(model, shape):
     with pytest.raises(ValueError, match=r"audio is empty: shape \(%d, %d\)" % shape):
         get_scene_embeddings(torch.zeros(shape), model)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 32767.0, 101.0])
+def test_audio_far_outside_unit_range_is_refused(model, clips, value):
+    """Finite audio on another scale (int16 PCM as float, or 3e38, which overflows the network
+    into NaN embeddings) is refused, naming where it peaks."""
+    bad = clips.clone()
+    bad[1, 1234] = value
+    for fn in (get_scene_embeddings, get_timestamp_embeddings):
+        with pytest.raises(ValueError, match=rf"audio peaks at {re.escape(f'{abs(value):.3g}')} \(sound 1, "
+                                             r"sample 1234\): "
+                                             r"HEAR audio is in \[-1, 1\] and values over 100 are refused"):
+            fn(bad, model)
+
+
+def test_audio_a_little_over_full_scale_is_accepted(model, clips):
+    hot = clips / clips.abs().max() * 100.0  # the limit itself: 40 dB over full scale
+    scene = get_scene_embeddings(hot, model)
+    emb, _ = get_timestamp_embeddings(clips * 1.5, model)
+    assert torch.isfinite(scene).all() and torch.isfinite(emb).all()
+
+
+def test_embeddings_that_overflow_are_an_error(tmp_path, clips):
+    """A checkpoint whose finite weights overflow float32 on valid audio: an error naming the
+    checkpoint and sound, never NaN embeddings (heareval's runner would assert on them)."""
+    network = SoundNet8()
+    network.load_state_dict(load_checkpoint(pretrained_checkpoint()).model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in ("conv2", "conv3"):  # finite weights, 1e50 together: past float32's 3.4e38
+            network.blocks[layer].conv.weight.mul_(1e25)
+    path = save_checkpoint(tmp_path / "overflow.safetensors", network)
+    model = load_model(str(path))
+    with pytest.raises(FloatingPointError, match=r"the scene embeddings of sound 0 are not finite: "
+                                                 r"checkpoint .*overflow.safetensors overflows float32"):
+        get_scene_embeddings(clips, model)
+    with pytest.raises(FloatingPointError, match=r"the conv4 embeddings of sound 0 are not finite"):
+        get_timestamp_embeddings(clips, model)
+
+
+def test_timestamps_are_float64(model, clips):
+    """Exact frame centres: float64 (float32 rounds them by up to 2 ms at 10 hours)."""
+    _, ts = get_timestamp_embeddings(clips, model)
+    assert ts.dtype == torch.float64
+    exact = [1000 * (-273.5 + 1024 * j) / SR for j in range(1, ts.shape[1] + 1)]
+    assert ts[0].tolist() == pytest.approx(exact, abs=1e-9)
 
 
 def test_audio_and_model_on_different_devices(model):

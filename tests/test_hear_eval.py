@@ -174,6 +174,105 @@ def test_malformed_task_errors_name_the_task_and_file(scene, breakage, message):
     assert "synth_scene-v1-full" in str(error.value)
 
 
+# ---- numeric labels, as hear-preprocess writes them -----------------------------------------------
+
+@pytest.fixture
+def numeric_tasks(tmp_path) -> Path:
+    tasks = tmp_path / "tasks"
+    hear_tasks.numeric_label_tasks(tasks)
+    return tasks
+
+
+def test_integer_labelled_tasks_are_valid_and_match_heareval_lookup(numeric_tasks):
+    import pandas as pd
+    from heareval.score import label_vocab_as_dict
+
+    infos, problems = hear_eval.scan_tasks(numeric_tasks)
+    assert problems == {}
+    assert [i.name for i in infos] == ["synth_count_int-v1-full", "synth_events_int-v1-full",
+                                       "synth_mixture_int-v1-full", "synth_pitch_int-v1-full"]
+    assert hear_eval.test_set_sizes(infos) == {"synth_count_int": (9, 9, 9), "synth_events_int": (8,),
+                                               "synth_mixture_int": (6,), "synth_pitch_int": (12,)}
+    pitch = numeric_tasks / "synth_pitch_int-v1-full"
+    assert (pitch / "labelvocabulary.csv").read_text().splitlines()[:2] == ["idx,label", "0,60"]
+    train = json.loads((pitch / "train.json").read_text())
+    assert all(isinstance(v[0], int) for v in train.values()) and [60] in train.values()
+    events = json.loads((numeric_tasks / "synth_events_int-v1-full" / "test.json").read_text())
+    assert {e["label"] for es in events.values() for e in es} == {60, 67}
+    # Every label resolves through heareval's own lookup (label_to_idx[str(label)]).
+    for info in infos:
+        label_to_idx = label_vocab_as_dict(pd.read_csv(info.path / "labelvocabulary.csv"), key="label", value="idx")
+        for split in info.splits:
+            for value in json.loads((info.path / f"{split}.json").read_text()).values():
+                for label in value:
+                    label = label["label"] if isinstance(label, dict) else label
+                    assert isinstance(label, int) and str(label) in label_to_idx
+
+
+@pytest.mark.parametrize("task, breakage, message", [
+    # 60.0 is "60.0" as a string: heareval's label_to_idx["60.0"] would raise KeyError
+    ("synth_pitch_int", lambda t: _edit_json(t / "test.json", lambda m: m.update({next(iter(m)): [60.0]})),
+     r"test.json: .* label\(s\) \['60.0'\] that are not in labelvocabulary.csv \(compared as strings"),
+    ("synth_pitch_int", lambda t: _edit_json(t / "train.json", lambda m: m.update({next(iter(m)): [None]})),
+     "train.json: labels of .* are malformed"),
+    ("synth_pitch_int", lambda t: _edit_json(t / "train.json", lambda m: m.update({next(iter(m)): [[60]]})),
+     "train.json: labels of .* are malformed"),
+    ("synth_mixture_int", lambda t: _edit_json(t / "valid.json", lambda m: m.update({next(iter(m)): [0, 9]})),
+     r"valid.json: .* label\(s\) \['9'\] that are not in"),
+    ("synth_events_int", lambda t: _edit_json(t / "test.json", lambda m: m[next(iter(m))][0].update(label=True)),
+     "test.json: labels of .* are malformed"),
+    # "060" and "60" are both the integer 60 to pandas, hence the same label to heareval
+    ("synth_pitch_int", lambda t: (t / "labelvocabulary.csv").write_text(
+        (t / "labelvocabulary.csv").read_text().replace("1,61", "1,060")), r"label\(s\) \['60'\] more than once"),
+    ("synth_pitch_int", lambda t: (t / "labelvocabulary.csv").write_text("idx,label\n0,60\n2,61\n"),
+     "must number its labels 0..1"),
+    # pandas reads NA as missing; heareval would then look the label up as "nan"
+    ("synth_pitch_int", lambda t: (t / "labelvocabulary.csv").write_text(
+        (t / "labelvocabulary.csv").read_text().replace("1,61", "1,NA")), "line 3: a label pandas reads as missing"),
+])
+def test_numeric_labels_compared_as_heareval_does(numeric_tasks, task, breakage, message):
+    path = numeric_tasks / f"{task}-v1-full"
+    breakage(path)
+    with pytest.raises(TaskError, match=message) as error:
+        hear_eval.validate_task(path, known_scores=KNOWN + ("d_prime",))
+    assert path.name in str(error.value)
+
+
+def test_string_labels_that_look_numeric_match_integer_vocabulary(numeric_tasks):
+    """JSON "60" and JSON 60 are the same label to heareval (str of either is "60")."""
+    path = numeric_tasks / "synth_pitch_int-v1-full"
+    _edit_json(path / "train.json", lambda m: m.update({k: [str(v[0])] for k, v in m.items()}))
+    assert hear_eval.validate_task(path, known_scores=KNOWN).split_sizes == (36, 12, 12)
+
+
+def test_malformed_task_stops_the_command_unless_skipped(tmp_path):
+    """Nothing runs (no embeddings) and the exit status is non-zero; the message names the task
+    and the way out."""
+    tasks = tmp_path / "tasks"
+    hear_tasks.scene_task(tasks, per_class=2, duration=0.5)
+    (tasks / "broken-v1-full").mkdir()
+    (tasks / "broken-v1-full" / "task_metadata.json").write_text("{}")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "training", "hear-eval", "pretrained", "--tasks-dir",
+                             str(tasks), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "broken-v1-full" in result.stderr and "--skip-malformed" in result.stderr
+    assert "1 malformed task folder(s), nothing was run" in result.stderr
+    assert not (out / "embeddings").exists()
+    with pytest.raises(hear_eval.MalformedTasksError, match="broken-v1-full") as error:
+        hear_eval.run_hear_eval([CheckpointSpec.parse("pretrained")], tasks, out, log=lambda _: None)
+    assert list(error.value.problems) == ["broken-v1-full"]
+
+
+def test_skipped_tasks_are_named_under_the_table(collected, tmp_path):
+    files = hear_eval.write_tables(collected, tmp_path, skipped={"broken-v1-full": "task broken-v1-full: lacks x"})
+    markdown = files["md"].read_text()
+    assert "Skipped 1 malformed task folder(s) (not scored):" in markdown
+    assert "- `broken-v1-full`: task broken-v1-full: lacks x" in markdown
+    assert "Skipped" not in hear_eval.write_tables(collected, tmp_path / "plain")["md"].read_text()
+
+
 def test_checkpoint_spec_parsing():
     assert CheckpointSpec.parse("runs/sub-01_conv4/hear.safetensors") == \
         CheckpointSpec("hear", "runs/sub-01_conv4/hear.safetensors")
@@ -223,7 +322,7 @@ def test_interrupted_run_resumes_and_reports_failures(workspace):
     # 1. Start the command and kill it (SIGKILL, its whole process group) once the first
     #    checkpoint's embeddings are done, while its predictions run.
     argv = [sys.executable, "-m", "training", "hear-eval", *specs, "--tasks-dir", str(tasks),
-            "--out", str(out), "--grid-points", "1"]
+            "--out", str(out), "--grid-points", "1", "--skip-malformed"]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     first = _done_marker(out, "pretrained", hear_eval.EMBEDDINGS_DONE)
@@ -240,7 +339,7 @@ def test_interrupted_run_resumes_and_reports_failures(workspace):
     #    reported, the one after it still runs, the malformed task is reported and skipped.
     messages: list[str] = []
     result = hear_eval.run_hear_eval([CheckpointSpec.parse(s) for s in specs], tasks, out,
-                                     grid_points=1, log=messages.append)
+                                     grid_points=1, skip_malformed=True, log=messages.append)
     outcome = {o.label: o for o in result.checkpoints}
     assert outcome["pretrained"].ran == ["predictions"]
     assert first.stat().st_mtime_ns == embedded_at
@@ -259,9 +358,10 @@ def test_interrupted_run_resumes_and_reports_failures(workspace):
     status = json.loads((out / "hear_status.json").read_text())
     assert [c["status"] for c in status["checkpoints"]] == ["ok", "failed", "ok"]
     assert (out / "hear_scores.md").read_text().count("synth_scene") == 1
+    assert "- `broken-v1-full`: task broken-v1-full: task_metadata.json lacks" in (out / "hear_scores.md").read_text()
 
     # 3. A third run does no work at all.
     again = hear_eval.run_hear_eval([CheckpointSpec.parse(s) for s in specs], tasks, out, grid_points=1,
-                                    log=lambda _: None)
+                                    skip_malformed=True, log=lambda _: None)
     assert [o.ran for o in again.checkpoints] == [[], [], []]
     assert again.scores.equals(result.scores)

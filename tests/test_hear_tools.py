@@ -7,6 +7,7 @@
   on generated scene, k-fold and event tasks for the pretrained checkpoint, with scores far
   above chance; on the event task the predicted onsets line up with the events the task placed.
 """
+import csv
 import json
 import os
 import pickle
@@ -155,6 +156,34 @@ def test_event_onsets_line_up_with_the_placed_events(heareval_run):
     assert len(errors) >= 0.9 * sum(len(events) for events in targets.values())
     assert -CONV4_HOP_MS / 2 <= np.median(errors) <= CONV4_HOP_MS, errors
     assert np.mean(np.abs(errors) <= 2 * CONV4_HOP_MS) >= 0.8, errors
+
+
+# ---- integer-labelled tasks (hear-preprocess's numeric labels), end to end --------------------------
+
+def test_hear_eval_scores_every_integer_labelled_task(tmp_path):
+    """``python -m training hear-eval`` on tasks labelled with JSON integers (scene multiclass,
+    multilabel, k-fold, events) exits 0 and scores every task, above chance where it is known."""
+    from training.hear_tasks import numeric_label_tasks
+
+    tasks = tmp_path / "tasks"
+    names = [p.name for p in numeric_label_tasks(tasks, param_grid=GRID, event_param_grid=EVENT_GRID,
+                                                 postprocessing_grid=POSTPROCESSING)]
+    out = tmp_path / "hear"
+    result = run([sys.executable, "-m", "training", "hear-eval", "pretrained", "--tasks-dir", tasks,
+                  "--out", out, "--grid-points", "1"], ROOT, timeout=1500)
+    assert "skipped" not in result.stderr.lower()
+    status = json.loads((out / "hear_status.json").read_text())
+    assert status["task_problems"] == {} and status["checkpoints"][0]["status"] == "ok"
+    assert sorted(status["checkpoints"][0]["tasks_done"]) == sorted(names)
+    table = {row["task"]: row for row in csv.DictReader(open(out / "hear_scores.csv")) if row["primary"] == "True"}
+    assert sorted(table) == ["synth_count_int", "synth_events_int", "synth_mixture_int", "synth_pitch_int"]
+    values = {task: float(row["value"]) for task, row in table.items()}
+    assert {row["metric"] for row in table.values()} == {"top1_acc", "event_onset_200ms_fms", "mAP", "pitch_acc"}
+    assert values["synth_count_int"] >= 0.6, values  # 3 classes: chance 0.33
+    assert values["synth_pitch_int"] >= 0.25, values  # 12 pitches: chance 0.08
+    assert values["synth_events_int"] >= 0.5, values
+    assert values["synth_mixture_int"] >= 0.6, values  # mAP of random scores: about the label rate
+    print(values)
 
 
 # ---- the task generator and the compatibility shim -------------------------------------------------

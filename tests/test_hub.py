@@ -15,8 +15,8 @@ from hear_brainsoundnet.checkpoints import (SOUND8_SHA256, CheckpointError, load
                                             pretrained_checkpoint, save_checkpoint, sha256_file)
 from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, DEFAULT_MANIFEST, MANIFEST_ENV,
                                     CheckpointUnavailableError, HubCheckpoint, ManifestEntry,
-                                    ManifestError, UnknownCheckpointError, load_manifest, main,
-                                    resolve_checkpoint, write_manifest)
+                                    ManifestError, UnknownCheckpointError, fetch, load_manifest,
+                                    main, resolve_checkpoint, write_manifest)
 from hear_brainsoundnet.soundnet import SoundNet8
 
 REPO = "brain-org/sub01-conv4"
@@ -70,6 +70,13 @@ BAD_ENTRIES = [
     ({"flavour": "x"}, r"unknown field\(s\) \['flavour'\]"),
     ({"licence": ""}, r"missing or empty field\(s\) \['licence'\]"),
     ({"name": "pretrained"}, "the name 'pretrained' is reserved for the weights of the soundnet package"),
+    # what huggingface_hub itself refuses, named in the manifest's terms (before: raw errors at download)
+    ({"repo_id": "brain-org/sub--01"}, "repo_id 'brain-org/sub--01' is refused by huggingface_hub"),
+    ({"repo_id": "brain-org/model.git"}, "repo_id 'brain-org/model.git' is refused by huggingface_hub"),
+    ({"repo_id": "brain-org/-sub01"}, "repo_id 'brain-org/-sub01' is refused by huggingface_hub"),
+    ({"filename": "../model.safetensors"}, "filename '../model.safetensors' must be a relative path"),
+    ({"filename": "/etc/model.safetensors"}, "filename '/etc/model.safetensors' must be a relative path"),
+    ({"filename": "C:model.safetensors"}, "filename 'C:model.safetensors' must be a '/'-separated path"),
 ]
 
 
@@ -107,12 +114,60 @@ def test_manifest_file_errors(tmp_path, monkeypatch):
 def test_names_paths_and_folders_resolve(tmp_path, checkpoint_file):
     assert resolve_checkpoint("") == resolve_checkpoint("pretrained") == pretrained_checkpoint()
     assert resolve_checkpoint(checkpoint_file) == checkpoint_file
+    assert resolve_checkpoint(str(checkpoint_file)) == checkpoint_file
     HubCheckpoint(load_checkpoint(checkpoint_file)).save_pretrained(tmp_path / "saved")
     assert resolve_checkpoint(tmp_path / "saved") == tmp_path / "saved" / CHECKPOINT_FILENAME
+    assert resolve_checkpoint(f"{tmp_path}/saved") == tmp_path / "saved" / CHECKPOINT_FILENAME
     with pytest.raises(CheckpointError, match=f"{tmp_path}: a folder without model.safetensors"):
         resolve_checkpoint(tmp_path)
     with pytest.raises(UnknownCheckpointError, match="unknown checkpoint 'sub01'.*known: pretrained"):
         resolve_checkpoint("sub01")
+    with pytest.raises(CheckpointError, match="absent.safetensors: no such checkpoint file"):
+        resolve_checkpoint("absent.safetensors")
+
+
+@pytest.fixture
+def shadowing_cwd(tmp_path, monkeypatch, checkpoint_file):
+    """A working directory holding a folder ``pretrained`` and a file ``sub01_conv4``, both
+    other weights than the names' verified checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    HubCheckpoint(load_checkpoint(checkpoint_file)).save_pretrained(tmp_path / "pretrained")
+    (tmp_path / "sub01_conv4").write_bytes(checkpoint_file.read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(checkpoint_file.read_bytes())
+    return tmp_path
+
+
+def test_the_working_directory_never_shadows_a_name(shadowing_cwd, hub_server, published, checkpoint_file):
+    """A name is a name (manifest only, verified); a path is a path (a '/' or .safetensors)."""
+    commit, manifest = published
+    assert resolve_checkpoint("pretrained") == pretrained_checkpoint()
+    assert resolve_checkpoint("") == pretrained_checkpoint()
+    fetched = resolve_checkpoint("sub01_conv4", manifest=manifest)
+    assert fetched.parent.name == commit and fetched != shadowing_cwd / "sub01_conv4"
+    assert hub_server.count("GET", "/resolve/") == 1  # it came from the hub, sha256-checked
+    # the user asks for the local copies explicitly, as paths
+    assert resolve_checkpoint("./pretrained") == Path("pretrained") / CHECKPOINT_FILENAME
+    assert resolve_checkpoint("./sub01_conv4") == Path("sub01_conv4")
+    assert resolve_checkpoint("model.safetensors") == Path("model.safetensors")
+
+
+def test_unknown_name_with_a_local_file_says_how_to_load_it(shadowing_cwd):
+    (shadowing_cwd / "mine").mkdir()
+    with pytest.raises(UnknownCheckpointError, match=r"unknown checkpoint 'mine': not a name in the "
+                                                     r"manifest .*'mine' in the working directory is "
+                                                     r"not used unless given as a path \(\./mine\)"):
+        resolve_checkpoint("mine")
+
+
+def test_plugin_modules_ignore_the_working_directory(shadowing_cwd, checkpoint_file):
+    plugin = importlib.import_module("hear_brainsoundnet.models.pretrained")
+    assert plugin.load_model().checkpoint == str(pretrained_checkpoint())
+    assert load_model().checkpoint == str(pretrained_checkpoint())
+    assert load_model("pretrained").checkpoint == str(pretrained_checkpoint())
+    local = load_model("./pretrained")
+    assert local.checkpoint == str(Path("pretrained") / CHECKPOINT_FILENAME)
+    x = torch.rand(1, 3 * 22050, generator=torch.Generator().manual_seed(1)) - 0.5
+    assert not torch.allclose(get_scene_embeddings(x, local), get_scene_embeddings(x, load_model()))
 
 
 # ---- downloads -----------------------------------------------------------------------------------
@@ -177,6 +232,49 @@ def test_wrong_manifest_entries_are_explained(hub_server, published, tmp_path, c
                                                          f"{hub_server.url}. The manifest entry is wrong "
                                                          f"or the repo changed: fix the entry in {manifest}"):
         resolve_checkpoint("wrong", manifest=manifest)
+
+
+@pytest.fixture
+def no_retry_waits(monkeypatch):
+    """huggingface_hub waits 1 s before each of its 5 download retries: skip the waits."""
+    from huggingface_hub import file_download
+
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_") and name != "sleep"},
+        sleep=lambda seconds: None))
+
+
+def test_download_cut_off_half_way_is_an_actionable_error(hub_server, published, checkpoint_file,
+                                                          no_retry_waits):
+    commit, manifest = published
+    size = checkpoint_file.stat().st_size
+    hub_server.cut_downloads_at = size // 2  # every attempt stops half-way, resumes get nothing
+    with pytest.raises(CheckpointUnavailableError) as error:
+        resolve_checkpoint("sub01_conv4", manifest=manifest)
+    message = str(error.value)
+    for part in (f"checkpoint 'sub01_conv4' (repo {REPO}, file {CHECKPOINT_FILENAME}, revision {commit})",
+                 f"the download from {hub_server.url} was interrupted", "RemoteProtocolError",
+                 "python -m hear_brainsoundnet.hub fetch sub01_conv4", "--model/-m PATH"):
+        assert part in message, message
+    assert hub_server.count("GET", "/resolve/") > 1  # huggingface_hub retried before giving up
+    hub_server.cut_downloads_at = None  # the connection recovers: the retry resumes and verifies
+    path = resolve_checkpoint("sub01_conv4", manifest=manifest)
+    assert path.read_bytes() == checkpoint_file.read_bytes()
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"repo_id": "brain-org/sub--01"}, "Cannot have -- or .. in repo_id"),
+    ({"filename": "../escape.safetensors"}, "cannot contain a '..' path segment"),
+])
+def test_entries_huggingface_hub_refuses_are_named(hub_server, published, tmp_path, change, refused):
+    """An entry built in code (not read from a manifest, so not validated) that huggingface_hub
+    refuses: a CheckpointUnavailableError naming the entry, not a raw ValueError."""
+    commit, manifest = published
+    entry = hub_entry("odd", commit, "0" * 64, **change)
+    with pytest.raises(CheckpointUnavailableError, match=f"checkpoint 'odd' .*huggingface_hub refuses "
+                                                         f"this entry \\(.*{refused}.*fix the entry in"):
+        fetch(entry, manifest=manifest)
+    assert hub_server.requests == []
 
 
 def test_hash_mismatch_is_refused(hub_server, published, tmp_path):

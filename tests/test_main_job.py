@@ -22,11 +22,13 @@ def test_report_has_every_section_and_figure(job):
     _, report, readme = job
     text = readme.read_text()
     for heading in ("## Training", "## Brain encoding on the held-out runs", "### Comparisons",
-                    "### Brain maps", "## Downstream tasks (HEAR)", "## Run time"):
+                    "### Brain maps", "## Downstream tasks (HEAR)",
+                    "## Few-shot curves (HEAR tasks, linear probe on the same embeddings)", "## Run time"):
         assert heading in text
     figures = report / "figures"
     expected = ["learning_curves.png", "scatter_conv4_vs_head_sub-01.png", "scatter_conv4_vs_head_sub-02.png",
-                "map_r_head_sub-01.png", "map_r_conv4_sub-01.png", "hear_scores.png"]
+                "map_r_head_sub-01.png", "map_r_conv4_sub-01.png", "hear_scores.png",
+                "few_shot_difference.png"]
     for name in expected:
         assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"figures/{name}" in text
@@ -189,3 +191,18 @@ def test_claims_are_computed_from_the_comparisons():
     assert not noise.holds and "+0.200" in noise.evidence
     ceiling = [c for c in claims if "noise ceiling" in c.statement][0]
     assert "65%" in ceiling.statement  # mean over subjects of the medians
+
+
+def test_few_shot_curves_reuse_the_hear_embeddings(job):
+    """The few-shot step scores pretrained and the brain-aligned checkpoint on the same draws,
+    from the embeddings heareval wrote (one folder per checkpoint), at every k the suite allows."""
+    import pandas as pd
+
+    work, _, readme = job
+    points = pd.read_csv(work / "hear" / "few_shot" / "few_shot.csv")
+    assert set(points["checkpoint"]) == {"pretrained", "group_conv4"}
+    assert points["score"].between(0, 1).all() and points["k"].min() == 1
+    keys = ["task", "k", "draw", "fold"]
+    per_checkpoint = [set(map(tuple, part[keys].values)) for _, part in points.groupby("checkpoint")]
+    assert per_checkpoint[0] == per_checkpoint[1]  # paired: the same points for both
+    assert "too few pairs for a test" in readme.read_text()

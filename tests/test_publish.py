@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import hear_brainsoundnet
 from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, sha256_file
-from hear_brainsoundnet.hub import DEFAULT_MANIFEST, fetch, load_manifest
+from hear_brainsoundnet.hub import DEFAULT_MANIFEST, ManifestError, fetch, load_manifest
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
 from training.batches import load_splits
 from training.config import load_config
-from training.publish import export, load_brain_model, main, publish
-from training.state import load_model
+from training.publish import ExportError, export, load_brain_model, main, publish
+from training.state import STATE_FORMAT, load_model
 from training.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +68,9 @@ def test_export_carries_backbone_heads_provenance_and_card(trained, exported) ->
     assert "CC-BY-4.0" in card and "Demo model" in card and "conv7_sub_01" in card
     assert "Intended use" in card and "best_val_loss_mse" in card
     assert json.loads((exported.folder / "config.json").read_text())["provenance"]["condition"] == "conv7"
+    assert provenance["training_status"] == {"finished": True, "stop_reason": "max_epochs",
+                                             "epochs_completed": 2, "max_epochs": 2}
+    assert "Unfinished run" not in card
 
 
 def test_exported_heads_predict_like_the_trained_model(trained, exported) -> None:
@@ -135,3 +140,84 @@ def test_bad_exports_and_uploads_are_refused(tmp_path, trained, exported, hub_se
     assert "no best model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must match"):
         export(trained[0].run_dir, tmp_path / "out3", name="Bad-Name")
+
+
+# ---- refusals: unfinished runs, bad destinations, bad publications -----------------------------
+
+def unfinished_copy(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished run made to look killed after its first of two epochs: what its
+    last.safetensors would hold (no stop reason, epoch 1)."""
+    shutil.copytree(run_dir, dest)
+    last = dest / "last.safetensors"
+    with safe_open(str(last), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        state = json.loads(handle.metadata()[STATE_FORMAT])
+    state["progress"].update(finished=None, epoch=1)
+    save_file(tensors, last, metadata={STATE_FORMAT: json.dumps(state)})
+    return dest
+
+
+def test_unfinished_runs_export_only_when_asked(trained, tmp_path, capsys) -> None:
+    run = unfinished_copy(trained[0].run_dir, tmp_path / "killed")
+    with pytest.raises(ExportError, match=r"killed/best.safetensors: the run has not finished: it stopped "
+                                          r"after 1 of at most 2 epochs .*--allow-unfinished"):
+        export(run, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert main(["export", str(run), str(tmp_path / "refused")]) == 2
+    assert "the run has not finished" in capsys.readouterr().err
+    done = export(run, tmp_path / "asked", allow_unfinished=True)
+    status = load_checkpoint(done.checkpoint).provenance["training_status"]
+    assert status == {"finished": False, "stop_reason": None, "epochs_completed": 1, "max_epochs": 2}
+    card = done.card.read_text()
+    assert "**Unfinished run**: exported at the user's request before training ended (1 of at most 2 epochs)" in card
+    assert main(["export", str(run), str(tmp_path / "cli"), "--allow-unfinished"]) == 0
+    assert load_checkpoint(tmp_path / "cli" / "model.safetensors").provenance["training_status"] == status
+
+
+def test_a_lone_best_model_cannot_prove_it_finished(trained, tmp_path) -> None:
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(trained[0].best_checkpoint, lone / "best.safetensors")
+    with pytest.raises(ExportError, match=r"there is no readable .*lone/last.safetensors to tell whether it finished"):
+        export(lone / "best.safetensors", tmp_path / "out")
+    assert export(lone / "best.safetensors", tmp_path / "out", allow_unfinished=True).checkpoint.is_file()
+
+
+def test_export_to_a_file_is_refused_before_writing(trained, tmp_path, capsys) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    with pytest.raises(ExportError, match=r"taken: exists and is not a folder; export writes a folder"):
+        export(trained[0].run_dir, target)
+    with pytest.raises(ExportError, match=r"taken/sub: cannot create the export folder"):
+        export(trained[0].run_dir, target / "sub")
+    assert target.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert main(["export", str(trained[0].run_dir), str(target)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def _corrupt_manifest(tmp_path: Path) -> Path:
+    (tmp_path / "corrupt.json").write_text("{not json")
+    return tmp_path / "corrupt.json"
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"name": "Bad-Name"}, ExportError, "name 'Bad-Name' must match"),
+    ({"name": "pretrained"}, ManifestError, "the name 'pretrained' is reserved"),
+    ({"repo_id": "no-slash"}, ManifestError, "repo_id must look like 'org/name', got 'no-slash'"),
+    ({"repo_id": "brainsoundnet/a--b"}, ManifestError, "repo_id 'brainsoundnet/a--b' is refused by huggingface_hub"),
+    ({"manifest": lambda tmp: tmp}, ExportError, "the manifest path is not a file"),
+    ({"manifest": lambda tmp: tmp / "absent" / "m.json"}, ExportError, "its folder .*absent does not exist"),
+    ({"manifest": _corrupt_manifest}, ManifestError, "corrupt.json: not valid JSON"),
+    ({"folder": lambda tmp: tmp / "no-export"}, FileNotFoundError, "no-export: no such export folder"),
+])
+def test_publish_checks_everything_before_the_first_request(exported, hub_server, tmp_path, change,
+                                                             error, message) -> None:
+    """Before: a bad name created the repository and pushed two commits, then failed."""
+    arguments = {"folder": exported.folder, "repo_id": "brainsoundnet/checked", "name": "checked",
+                 "manifest": tmp_path / "m.json"}
+    arguments.update({key: value(tmp_path) if callable(value) else value for key, value in change.items()})
+    folder, repo_id = arguments.pop("folder"), arguments.pop("repo_id")
+    with pytest.raises(error, match=message):
+        publish(folder, repo_id, endpoint=hub_server.url, token="test-token", **arguments)
+    assert hub_server.requests == [] and hub_server.repos == {}
+    assert not (tmp_path / "m.json").exists()

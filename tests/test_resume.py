@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
+from training.batches import load_splits
+from training.config import load_config
 from training.train import KILL_AFTER_STEPS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,14 +76,19 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path: Path, ti
     assert reference.returncode == 0, reference.stderr[-3000:]
     reference_dir = tmp_path / "straight" / "resume"
 
-    # Die like a preempted job: SIGKILL after 17 optimiser steps (epoch 1, mid-way), with the
-    # last mid-epoch checkpoint at step 16 (every 4 steps).
-    first = run_training(killed, kill_after=17)
+    # Die like a preempted job: SIGKILL at step 5 of epoch 1, a step after its mid-epoch
+    # checkpoint (every 4 steps), so the resumed run redoes the step since that checkpoint.
+    # One step per training window (windows_per_batch = 1); 10-TR windows tile each run.
+    per_epoch = sum(episode.n_trs // 10 for episode in load_splits(load_config(killed)).train)
+    assert per_epoch > 5, f"the tiny dataset gives {per_epoch} steps per epoch; the kill needs 6"
+    first = run_training(killed, kill_after=per_epoch + 5)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     run_dir = tmp_path / "killed" / "resume"
     state = progress(run_dir / "last.safetensors")
-    assert state["epoch"] >= 1 and state["step"] > 0, "the kill must land inside an epoch"
+    assert (state["epoch"], state["step"]) == (1, 4), "the kill must land inside an epoch"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    # the killed process's lock file stays behind, naming it; the lock itself died with it
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] > 0
 
     second = run_training(killed)  # same command: resumes from last.safetensors
     assert second.returncode == 0, second.stderr[-3000:]

@@ -140,6 +140,14 @@ def test_config_rejects_unknown_head_and_sample_rate():
         SoundNet8()(torch.zeros(1, 100_000), layers=("conv8",))
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, True, "256", None])
+def test_config_rejects_an_input_scale_that_is_not_a_finite_positive_number(scale):
+    """A NaN scale gave NaN features, a negative one inverted the waveform: both silently."""
+    with pytest.raises(ValueError, match=f"input_scale must be a finite positive number, got {scale!r}"):
+        SoundNetConfig(input_scale=scale)
+    assert SoundNetConfig(input_scale=256).input_scale == 256.0
+
+
 def test_freeze_stops_gradients_up_to_the_layer():
     model = SoundNet8()
     model.freeze("conv3")

@@ -165,3 +165,50 @@ def test_sizes_are_consistent():
     # fine-tuning 2.8 M parameters needs data: ~1,800 training TRs per subject (750 only tied)
     runs = (default.n_seasons - 1) * default.episodes_per_season * 2
     assert runs * default.run_seconds / default.tr * 0.75 > 1500
+
+
+# ---- full scale: the streaming generator (Algonauts HDF5 only) and the "subject" size ------------
+
+def test_streaming_generator_gives_the_in_memory_targets(tmp_path):
+    """Without the fMRIPrep layout the dataset is written run by run, with the same HDF5 targets
+    and noise ceilings as the in-memory generator, stimuli as FLAC, and no NIfTI at all."""
+    small = {"n_subjects": 2, "n_seasons": 2}
+    full = generate_friends_like(tmp_path / "full", size="tiny", seed=5, video=False, **small)
+    streamed = generate_friends_like(tmp_path / "stream", size="tiny", seed=5, write_fmriprep=False,
+                                     audio_format="flac", **small)
+    assert streamed.runs == full.runs and len(streamed.target_names) == full.config.n_parcels
+    for subject in full.subjects:
+        with h5py.File(full.h5_path(subject)) as a, h5py.File(streamed.h5_path(subject)) as b:
+            assert sorted(a) == sorted(b) and len(a) == len(full.runs[subject])
+            for key in a:
+                np.testing.assert_array_equal(a[key][()], b[key][()])
+        truth_a = full.ground_truth()["subjects"][subject]
+        truth_b = streamed.ground_truth()["subjects"][subject]
+        for key in ("noise_ceiling_r", "noise_ceiling_r_by_run", "sessions", "snr", "tuning"):
+            assert truth_a[key] == truth_b[key], key
+    assert not list(streamed.root.rglob("*.nii.gz")) and not (streamed.root / "fmriprep").exists()
+    flac = streamed.stimuli_dir / "friends_s01e01a.flac"
+    wav_audio, rate = sf.read(full.stimuli_dir / "friends_s01e01a.wav", dtype="int16")
+    flac_audio, flac_rate = sf.read(flac, dtype="int16")
+    # the same signal; libsndfile converts float to 16-bit slightly differently per format (1 LSB)
+    assert flac_rate == rate and flac_audio.shape == wav_audio.shape
+    assert np.abs(flac_audio.astype(int) - wav_audio).max() <= 1
+    loaded = SyntheticDataset.load(streamed.root)
+    assert loaded == streamed and not loaded.config.write_fmriprep
+    brain = loaded.read_h5("sub-01")
+    assert brain.noise_ceiling.shape == (full.config.n_parcels,)
+
+
+def test_subject_size_has_the_shape_of_one_cneuromod_subject():
+    """Seasons 1-4, runs of about 12 minutes, about 87,000 TRs (36 h), 1000 parcels."""
+    from training.synthetic import _EXTRA_TRS, _episode_duration
+
+    config = SIZES["subject"]
+    episodes = config.episodes()
+    durations = [_episode_duration(0, e, config) for e in episodes]
+    n_trs = sum(int(d // config.tr) + _EXTRA_TRS for d in durations)
+    assert config.n_subjects == 1 and config.n_seasons == 4 and len(episodes) == 184
+    assert 82_000 <= n_trs <= 92_000, n_trs
+    assert 34 <= sum(durations) / 3600 <= 38
+    assert 600 <= min(durations) and max(durations) <= 800  # runs of about 12 minutes
+    assert config.n_parcels == 1000 and not config.write_fmriprep

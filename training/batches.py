@@ -24,6 +24,7 @@ window is aligned to the run's end and counts only the TRs not seen before).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,10 +39,12 @@ from hear_brainsoundnet.soundnet import frame_geometry
 
 from .config import ConfigError, ExperimentConfig
 from hear_brainsoundnet.checkpoints import atomic_write
-from .data import (BrainRuns, DataError, Split, StimulusCache, pair_runs, read_algonauts_h5,
-                   read_fmriprep, read_npz_cache, split_by_season, split_from_lists, split_runs,
-                   window_starts)
+from .data import (BrainRuns, DataError, Split, StimulusCache, find_algonauts_h5, pair_runs,
+                   read_algonauts_h5, read_fmriprep, read_npz_cache, require_file, season_of,
+                   split_by_season, split_from_lists, split_runs, window_starts)
 from .model import EncodingModel, EpisodeGeometry, WindowBatchNorm, WindowSlice, crop_audio
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,20 +102,27 @@ class EpisodeSet:
     prefix_seconds: float = field(init=False, default=0.0)  # time spent running frozen layers
 
     def __post_init__(self) -> None:
-        short = [e for e in self.episodes if e.n_trs < self.window_trs]
-        if short:
-            warnings.warn(f"{self.name}: {len(short)} episode(s) shorter than train.window_trs = "
-                          f"{self.window_trs} TRs are skipped: "
+        kept, self.geometries, short = [], [], []
+        for e in self.episodes:
+            try:  # raises for fewer TRs than a window, or too little audio for its frames
+                geometry = EpisodeGeometry(e.n_trs, len(e.waveform), tr=self.tr,
+                                           prefix=self.model.prefix_layer,
+                                           context=self.model.kernel_trs - 1,
+                                           window_trs=self.window_trs,
+                                           name=f"{self.name} episode {e.name}")
+            except ValueError:
+                short.append(e)
+                continue
+            kept.append(e)
+            self.geometries.append(geometry)
+        if short:  # one short half-episode must not abort hours of training
+            warnings.warn(f"{self.name}: {len(short)} episode(s) too short for one window of "
+                          f"train.window_trs = {self.window_trs} TRs are skipped: "
                           + ", ".join(f"{e.name} ({e.n_trs} TRs)" for e in short), stacklevel=2)
-        self.episodes = [e for e in self.episodes if e.n_trs >= self.window_trs]
+        self.episodes = kept
         if not self.episodes:
-            raise ValueError(f"the {self.name} split has no episode of at least train.window_trs = "
-                             f"{self.window_trs} TRs")
-        self.geometries = [
-            EpisodeGeometry(e.n_trs, len(e.waveform), tr=self.tr, prefix=self.model.prefix_layer,
-                            context=self.model.kernel_trs - 1, window_trs=self.window_trs,
-                            name=f"{self.name} episode {e.name}")
-            for e in self.episodes]
+            raise ValueError(f"the {self.name} split has no episode long enough for one window of "
+                             f"train.window_trs = {self.window_trs} TRs")
         self.use_cache = self.use_cache and self.model.prefix_cacheable
 
     @property
@@ -380,16 +390,6 @@ class DataSplits:
                               for s in self.target_names}}
 
 
-def _find_one(root: Path, patterns: Sequence[str], what: str) -> Path:
-    for pattern in patterns:
-        found = sorted(root.glob(pattern))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise DataError(f"{root}: several {what} match {pattern!r}: {[str(p) for p in found[:4]]}")
-    raise DataError(f"{root}: no {what} (looked for {', '.join(patterns)})")
-
-
 def data_root(config: ExperimentConfig) -> Path:
     """``data.root``; for the synthetic source, the dataset there, generated on first use."""
     root = Path(config.data.root)
@@ -413,17 +413,100 @@ def data_root(config: ExperimentConfig) -> Path:
     return root
 
 
-def prepare_data(config: ExperimentConfig) -> None:
-    """The shared work before training, done by one process: generate the synthetic data if
-    missing, decode and cache every soundtrack."""
+@dataclass
+class DataPlan:
+    """What a run reads, known before any soundtrack is decoded.
+
+    Every configured subject's brain runs (read and checked), the stimulus files (found, not
+    decoded), the split, and :attr:`used`: the split's episodes that have both a soundtrack
+    and a run of some subject (the only ones ever decoded).
+    """
+
+    root: Path
+    cache: Path
+    stimuli: StimulusCache
+    brains: dict[str, BrainRuns]
+    split: Split
+    used: list[str]
+
+
+def plan_data(config: ExperimentConfig) -> DataPlan:
+    """Read and check every subject's brain data, then choose the split; decode nothing.
+
+    A wrong path, an unfetched file or a bad run fails here, in seconds, not after hours of
+    decoding. Only runs with both fMRI and a soundtrack are split.
+
+    Raises :class:`~training.data.errors.DataError` naming the file or subject at fault.
+    """
+    data = config.data
     root = data_root(config)
-    cache = Path(config.data.cache_dir) if config.data.cache_dir else root / "cache"
-    StimulusCache(Path(config.data.stimuli) if config.data.stimuli else _find_stimuli_dir(root),
-                  cache / "audio").prepare()
+    cache = Path(data.cache_dir) if data.cache_dir else root / "cache"
+    stimuli = StimulusCache(Path(data.stimuli) if data.stimuli else _find_stimuli_dir(root), cache / "audio")
+    with_audio = set(stimuli.episodes()) | set(stimuli.unfetched)
+    brains = {subject: _read_checked(config, subject, root, cache, _episodes_to_read(data, with_audio))
+              for subject in config.subjects.ids}
+    both_set = {e for brain in brains.values() for e in brain.runs} & with_audio
+    both = sorted(both_set)
+    for subject, brain in brains.items():
+        silent = [e for e in brain.episodes if e not in with_audio]
+        if silent:
+            warnings.warn(f"{subject}: {len(silent)} run(s) have no soundtrack in {stimuli.stimuli_dir} "
+                          f"and are skipped: {', '.join(silent[:10])}{' ...' if len(silent) > 10 else ''}",
+                          stacklevel=2)
+    if not both:
+        raise DataError(f"no run of {config.subjects.ids} has a soundtrack in {stimuli.stimuli_dir} "
+                        f"(runs: {sorted(brains[config.subjects.ids[0]].runs)[:4]}..., soundtracks: "
+                        f"{sorted(with_audio)[:4]}...); check data.stimuli")
+    if data.train_episodes or data.val_episodes or data.test_episodes:
+        split = split_from_lists(data.train_episodes, data.val_episodes, data.test_episodes)
+    else:
+        split = split_by_season(both, test_seasons=data.test_seasons or None,
+                                train_seasons=data.train_seasons or None,
+                                val_fraction=data.val_fraction, seed=data.split_seed)
+    used = [e for e in split.train + split.validation + split.test if e in both_set]
+    unfetched = [stimuli.unfetched[e] for e in used if e in stimuli.unfetched]
+    if unfetched:
+        raise DataError(f"{len(unfetched)} soundtrack(s) of the split not fetched: datalad get "
+                        + " ".join(str(path) for path in unfetched))
+    return DataPlan(root, cache, stimuli, brains, split, used)
 
 
-def read_subject(config: ExperimentConfig, subject: str, root: Path, cache: Path) -> BrainRuns:
-    """One subject's runs through the reader ``data.source`` names."""
+def _episodes_to_read(data: Any, with_audio: set[str]) -> set[str] | None:
+    """Episodes worth reading from the brain files: those the split can use (None: all).
+
+    Reading only these leaves other seasons' files untouched (they may not be fetched).
+    """
+    explicit = set(data.train_episodes) | set(data.val_episodes) | set(data.test_episodes)
+    if explicit:
+        return explicit
+    if data.train_seasons and data.test_seasons:
+        seasons = set(data.train_seasons) | set(data.test_seasons)
+        return {e for e in with_audio if season_of(e) in seasons}
+    return None
+
+
+def _read_checked(config: ExperimentConfig, subject: str, root: Path, cache: Path,
+                  episodes: set[str] | None) -> BrainRuns:
+    brain = read_subject(config, subject, root, cache, episodes=episodes)
+    if abs(brain.tr - config.data.tr) > 1e-3:
+        raise DataError(f"{brain.source or subject}: TR is {brain.tr} s but data.tr = {config.data.tr} s")
+    return brain
+
+
+def prepare_data(config: ExperimentConfig) -> DataPlan:
+    """The shared work before training, done by one process: generate the synthetic data if
+    missing, read and check every brain file, then decode and cache the soundtracks the split
+    uses (and only those). Returns the plan, for :func:`load_splits` in the same process."""
+    plan = plan_data(config)
+    log.info("decoding %d soundtrack(s) of the split (%d already cached)", len(plan.used),
+             sum(plan.stimuli.cache_path(e).is_file() for e in plan.used))
+    plan.stimuli.prepare(plan.used)
+    return plan
+
+
+def read_subject(config: ExperimentConfig, subject: str, root: Path, cache: Path,
+                 episodes: set[str] | None = None) -> BrainRuns:
+    """One subject's runs (only ``episodes`` when given) through the reader ``data.source`` names."""
     data = config.data
     if data.source == "synthetic":
         from training.synthetic import SyntheticDataset
@@ -432,44 +515,55 @@ def read_subject(config: ExperimentConfig, subject: str, root: Path, cache: Path
         if subject not in dataset.subjects:
             raise DataError(f"{root}: the synthetic dataset has subjects {list(dataset.subjects)}, "
                             f"not {subject!r}")
-        return dataset.read_h5(subject)
+        brain = dataset.read_h5(subject)
+        return brain if episodes is None else _keep(brain, episodes, root)
     if data.source == "algonauts":
-        path = _find_one(root, [f"{subject}/**/*.h5", f"**/{subject}_*.h5", f"**/{subject}*.h5"],
-                         f"Algonauts HDF5 file for {subject}")
-        return read_algonauts_h5(path, subject, tr=data.tr)
+        if data.brain_file:
+            path = require_file(data.brain_file.replace("{subject}", subject), "data.brain_file")
+        else:
+            path = find_algonauts_h5(root, subject)
+        log.info("%s: brain data from %s", subject, path)
+        return read_algonauts_h5(path, subject, tr=data.tr, episodes=episodes)
     if data.source == "fmriprep":
         if bool(data.atlas) == bool(data.mask):
             raise ConfigError("data.source = 'fmriprep' needs exactly one of data.atlas (parcels) "
                               "and data.mask (voxels)")
+        for key in ("atlas", "mask", "atlas_labels"):
+            if getattr(data, key):
+                require_file(getattr(data, key), f"data.{key}")
+        standardize = False if data.standardize == "none" else data.standardize
         return read_fmriprep(root, subject, atlas=data.atlas or None, mask=data.mask or None,
-                             cache_dir=cache / "fmri")
-    return read_npz_cache(root / subject, subject, tr=data.tr)
+                             atlas_labels=data.atlas_labels or None, confounds=data.confound_options(),
+                             standardize=standardize, smoothing_fwhm=data.smoothing_fwhm or None,
+                             resample_atlas=data.resample_atlas, space=data.space, episodes=episodes,
+                             tr=data.tr, cache_dir=cache / "fmri")
+    brain = read_npz_cache(root / subject, subject, tr=data.tr)
+    return brain if episodes is None else _keep(brain, episodes, root / subject)
 
 
-def load_splits(config: ExperimentConfig) -> DataSplits:
+def _keep(brain: BrainRuns, episodes: set[str], where: Path) -> BrainRuns:
+    kept = brain.select(e for e in brain.episodes if e in episodes)
+    if not kept.runs:
+        raise DataError(f"{where}: {brain.subject} has no run of the episodes the split can use")
+    return kept
+
+
+def load_splits(config: ExperimentConfig, plan: DataPlan | None = None) -> DataSplits:
     """Read the configured subjects' runs and soundtracks, pair and split them into episodes.
+
+    Every brain file is read and checked first (:func:`plan_data`, unless ``plan``, e.g.
+    :func:`prepare_data`'s, is given); only then are the split's soundtracks opened (decoded if
+    :func:`prepare_data` has not cached them).
 
     Raises :class:`~training.data.errors.DataError` (naming the file or subject) for a subject
     with no training run, targets with NaNs, inconsistent TRs, and the data modules' other rules.
     """
-    data = config.data
-    root = data_root(config)
-    cache = Path(data.cache_dir) if data.cache_dir else root / "cache"
-    stimuli_dir = Path(data.stimuli) if data.stimuli else _find_stimuli_dir(root)
-    stimuli = StimulusCache(stimuli_dir, cache / "audio")
-    if data.train_episodes or data.val_episodes or data.test_episodes:
-        split = split_from_lists(data.train_episodes, data.val_episodes, data.test_episodes)
-    else:
-        split = split_by_season(stimuli.episodes(), test_seasons=data.test_seasons or None,
-                                train_seasons=data.train_seasons or None,
-                                val_fraction=data.val_fraction, seed=data.split_seed)
+    plan = plan if plan is not None else plan_data(config)
+    split = plan.split
     parts: dict[str, dict[str, dict[str, Any]]] = {"train": {}, "validation": {}, "test": {}}
     names, sources, missing, ceilings = {}, {}, {}, {}
-    for subject in config.subjects.ids:
-        brain = read_subject(config, subject, root, cache)
-        if abs(brain.tr - data.tr) > 1e-3:
-            raise DataError(f"{brain.source or subject}: TR is {brain.tr} s but data.tr = {data.tr} s")
-        runs = split_runs(pair_runs(brain, stimuli), split, subject=brain.subject)
+    for subject, brain in plan.brains.items():
+        runs = split_runs(pair_runs(brain, plan.stimuli, episodes=plan.used), split, subject=brain.subject)
         names[subject], sources[subject], missing[subject] = brain.target_names, brain.source, runs.missing
         ceilings[subject] = brain.noise_ceiling
         for part in parts:
@@ -481,8 +575,8 @@ def load_splits(config: ExperimentConfig) -> DataSplits:
     if not episodes["validation"]:
         raise DataError(f"no validation runs for {config.subjects.ids} in the split {split.as_dict()['validation']}; "
                         "set data.val_fraction > 0 or data.val_episodes")
-    return DataSplits(episodes["train"], episodes["validation"], episodes["test"], data.tr, names,
-                      split, sources, missing, ceilings, cache / "features")
+    return DataSplits(episodes["train"], episodes["validation"], episodes["test"], config.data.tr, names,
+                      split, sources, missing, ceilings, plan.cache / "features")
 
 
 def _find_stimuli_dir(root: Path) -> Path:

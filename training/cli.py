@@ -262,6 +262,20 @@ class MainJob:
             log("HEAR failures: " + "; ".join(f"{c.label}: {c.status} {c.error[:200]}" for c in result.failed))
         return {"failed": [c.label for c in result.failed]}
 
+    def step_few_shot(self, log: Callable[[str], None]) -> dict[str, Any]:
+        """Few-shot curves on the embeddings the HEAR step wrote (reused, not recomputed); the
+        subjects' conv4 checkpoints are the paired comparison with pretrained, the group model
+        is drawn but not tested (it is not one subject's)."""
+        from training.few_shot import DEFAULT_DRAWS, DEFAULT_KS, run_few_shot
+
+        embeddings = self.workdir / "hear" / "embeddings"
+        dirs = {p.name: p for p in sorted(embeddings.iterdir()) if p.is_dir()}
+        compare = [f"{s}_conv4" for s in self.subjects() if f"{s}_conv4" in dirs]
+        result = run_few_shot(dirs, self.workdir / "hear" / "few_shot", DEFAULT_KS, DEFAULT_DRAWS,
+                              seed=self.seed, baseline="pretrained", compare=compare or None,
+                              progress=self.progress_enabled, log=log)
+        return {"points": len(result.scores)}
+
     def step_report(self) -> dict[str, Any]:
         import pandas as pd
 
@@ -311,7 +325,8 @@ class MainJob:
             training=pd.DataFrame(training), curves=curves, held_out=held_out,
             scatter_pairs=[("head", "conv4")], atlas=dataset.atlas,
             map_models=[(s, m) for s in self.subjects()[:1] for m in ("head", "conv4")],
-            hear_scores=hear_scores, hear_status=hear_status, timings=self.timings,
+            hear_scores=hear_scores, hear_status=hear_status, few_shot_dir=hear_dir / "few_shot",
+            timings=self.timings,
             claims=check_claims(held_out),
             notes=["Synthetic data: the audio is generated and the BOLD simulated from known auditory "
                    "features (training/synthetic.py), so the models show the pipeline working; they "
@@ -338,6 +353,7 @@ class MainJob:
                   ("evaluate held-out runs", lambda: self.step_evaluate(log)),
                   ("generate HEAR tasks", self.step_hear_tasks),
                   ("HEAR evaluation", lambda: self.step_hear(log)),
+                  ("HEAR few-shot curves", lambda: self.step_few_shot(log)),
                   ("report", self.step_report)]
         return steps
 
@@ -464,15 +480,34 @@ def cmd_hear_eval(args: argparse.Namespace) -> int:
         write_task_suite(tasks_dir, args.suite)
     try:
         specs = [CheckpointSpec.parse(text) for text in args.checkpoints]
-        result = run_hear_eval(specs, tasks_dir, args.out, grid=args.grid, grid_points=args.grid_points)
-    except ValueError as error:
+        result = run_hear_eval(specs, tasks_dir, args.out, grid=args.grid, grid_points=args.grid_points,
+                               skip_malformed=args.skip_malformed)
+    except (ValueError, FileNotFoundError) as error:  # MalformedTasksError is a ValueError
         raise SystemExit(f"error: {error}") from None
     if not result.scores.empty:
         print((Path(args.out) / "hear_scores.md").read_text())
+    for name in result.task_problems:
+        print(f"skipped malformed task {name} (--skip-malformed)", file=sys.stderr)
+    few_shot_sweep(args, result)
     for outcome in result.failed:
         print(f"checkpoint {outcome.label}: {outcome.status}: {outcome.error or outcome.tasks_failed}",
               file=sys.stderr)
     return 1 if len(result.failed) == len(result.checkpoints) else 0
+
+
+def few_shot_sweep(args: argparse.Namespace, result: Any) -> None:
+    """``hear-eval --few-shot KS``: few-shot curves on the embeddings heareval just wrote
+    (``OUT/embeddings/<label>``), reused for every k and draw; nothing when not asked."""
+    from training.few_shot import FewShotError, run_from_args
+
+    embeddings = Path(args.out) / "embeddings"
+    dirs = {c.label: embeddings / c.label for c in result.checkpoints if (embeddings / c.label).is_dir()}
+    try:
+        few = run_from_args(args, dirs, Path(args.out) / "few_shot", tasks=result.tasks)
+    except FewShotError as error:
+        raise SystemExit(f"error: {error}") from None
+    if few is not None:
+        print((Path(args.out) / "few_shot" / "few_shot.md").read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--out", default="hear", help="output folder (default: hear)")
     he.add_argument("--grid", default="default", choices=("default", "fast", "faster"))
     he.add_argument("--grid-points", type=int, default=1)
+    he.add_argument("--skip-malformed", action="store_true",
+                    help="score the valid tasks and list malformed task folders as skipped "
+                         "(default: a malformed task folder is an error and nothing runs)")
+    from training.few_shot import add_few_shot_arguments
+
+    add_few_shot_arguments(he)  # --few-shot KS --draws N ...: off unless --few-shot is given
     he.set_defaults(func=cmd_hear_eval)
     return parser
 

@@ -36,6 +36,11 @@ CONDITIONS = ("head", "conv7", "conv6", "conv5", "conv4", "null")
 BATCHNORM_MODES = ("frozen-eval", "eval", "batch-stats")
 SUBJECT_MODES = ("individual", "group", "loso")
 DATA_SOURCES = ("synthetic", "algonauts", "fmriprep", "arrays")
+# nilearn.interfaces.fmriprep.load_confounds: strategies that need no other file, and levels.
+CONFOUND_STRATEGIES = ("high_pass", "motion", "wm_csf", "global_signal", "compcor", "scrub",
+                       "non_steady_state")
+CONFOUND_LEVELS = ("basic", "power2", "derivatives", "full")
+STANDARDIZE = ("zscore_sample", "zscore", "psc", "none")
 
 # The study's per-subject choices for parcel models (study.md, "Fine-tuning protocol"):
 # batch TRs, head kernel k in TRs, learning rate. "group" is the group model's.
@@ -68,16 +73,40 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    """Which brain data and soundtracks, and how episodes are split.
+    """Which brain data and soundtracks, how targets are extracted, and how episodes are split.
 
-    ``source`` picks the reader: ``synthetic`` (the embedded Friends-like dataset, generated
-    into ``root`` on first use at ``synthetic_size``), ``algonauts`` (one HDF5 file per subject
-    under ``root``), ``fmriprep`` (fMRIPrep derivatives under ``root`` with ``atlas`` or
-    ``mask``), ``arrays`` (per-run .npy/.npz under ``root``). ``stimuli`` is the folder of
-    soundtracks (wav/flac/mkv/mp4); ``cache_dir`` holds decoded audio and extracted targets.
-    Splits follow the study: the last season (or ``test_seasons``) is the test set, the
-    other seasons (or ``train_seasons``) are split by run into training and validation
-    (``val_fraction``, drawn with ``split_seed``); explicit episode lists replace that rule.
+    ``source`` picks the reader:
+
+    - ``synthetic``: the embedded Friends-like dataset, generated into ``root`` on first use
+      at ``synthetic_size``.
+    - ``algonauts``: the Algonauts 2025 release (a datalad clone of
+      ``algonauts_2025.competitors``). **Two paths:** ``root`` = its ``fmri/`` folder and
+      ``stimuli`` = its ``stimuli/movies/friends/`` folder. Each subject's Friends file is
+      found by its BIDS entities (``sub-XX`` and ``task-friends``; Movie10 files beside it
+      are ignored); ``brain_file`` names it explicitly instead (``{subject}`` is replaced
+      by the subject id). A file not fetched yet says ``datalad get <path>``.
+    - ``fmriprep``: CNeuroMod ``friends.fmriprep`` derivatives. **Two paths:** ``root`` = the
+      derivatives folder (holding ``sub-XX/ses-YYY/func/``) and ``stimuli`` = the
+      ``friends.stimuli`` folder; the targets are ``atlas`` (a labels image: parcels) or
+      ``mask`` (voxels), by default expected at the path the shipped config names. Runs of
+      ``space`` are read (space-T1w files are ignored); an atlas or mask on another grid is
+      resampled to the BOLD grid (nearest neighbour) unless ``resample_atlas`` is false;
+      ``smoothing_fwhm`` (mm, 0 = none), the ``confounds`` strategy of nilearn's
+      ``load_confounds`` (with ``confounds_motion``, ``confounds_wm_csf``,
+      ``confounds_global_signal``; an empty list = no confound regression) and the per-run
+      ``standardize`` are the extraction settings (defaults: the study's, except smoothing).
+    - ``arrays``: per-run .npy/.npz under ``root/<subject>``.
+
+    ``stimuli`` is searched recursively for ``friends_s01e02a.mkv`` (or wav/flac/mp4):
+    full-episode files (``friends_s01e01.mkv``) and other films are ignored. ``cache_dir``
+    holds decoded audio, extracted targets and cached features (default ``root/cache``;
+    point it outside a datalad clone). Every path is read relative to the working directory.
+
+    Only runs with both fMRI and a soundtrack are split and decoded. Splits follow the
+    study: the last season (or ``test_seasons``) is the test set, the other seasons (or
+    ``train_seasons``) are split into training and validation by whole episode (both
+    halves ``a``/``b`` on the same side; ``val_fraction`` of the episodes, drawn with
+    ``split_seed``); explicit episode lists replace that rule.
     """
 
     source: str = "synthetic"
@@ -86,17 +115,38 @@ class DataConfig:
     cache_dir: str = ""  # default: root/cache
     synthetic_size: str = "default"  # "tiny", "default" or "large" (training.synthetic.SIZES)
     synthetic_seed: int = 0
+    brain_file: str = ""  # algonauts: this HDF5 file ("{subject}" -> the subject id); default: found
     atlas: str = ""  # fmriprep: labels image (parcels)
+    atlas_labels: str = ""  # fmriprep: region names, a BIDS dseg.tsv (index, name); default label-<value>
     mask: str = ""  # fmriprep: mask image (voxels)
+    space: str = "MNI152NLin2009cAsym"  # fmriprep: template space of the runs read
+    resample_atlas: bool = True  # fmriprep: atlas/mask on another grid -> BOLD grid (nearest)
+    smoothing_fwhm: float = 0.0  # fmriprep: spatial smoothing in mm before extraction; 0: none
+    # fmriprep: nilearn load_confounds strategy; the study's: cosine high-pass, 24 motion, WM + CSF
+    confounds: list[str] = field(default_factory=lambda: ["high_pass", "motion", "wm_csf"])
+    confounds_motion: str = "full"  # basic (6), power2, derivatives or full (24)
+    confounds_wm_csf: str = "basic"
+    confounds_global_signal: str = "basic"  # used when "global_signal" is in confounds
+    standardize: str = "zscore_sample"  # per run: zscore_sample, zscore, psc or none
     tr: float = 1.49
     test_seasons: list[int] = field(default_factory=list)  # empty: the last season
     train_seasons: list[int] = field(default_factory=list)  # empty: every other season
-    val_fraction: float = 0.25  # runs of the train seasons drawn for validation
+    val_fraction: float = 0.25  # whole episodes of the train seasons drawn for validation
     split_seed: int = 0
     # An explicit split (episode ids such as "s01e02a") replaces the season rule when given.
     train_episodes: list[str] = field(default_factory=list)
     val_episodes: list[str] = field(default_factory=list)
     test_episodes: list[str] = field(default_factory=list)
+
+    def confound_options(self) -> dict[str, Any] | bool:
+        """Keyword arguments of nilearn's ``load_confounds``, or False for no regression."""
+        if not self.confounds:
+            return False
+        options: dict[str, Any] = {"strategy": tuple(self.confounds)}
+        for name in ("motion", "wm_csf", "global_signal"):
+            if name in self.confounds:
+                options[name] = getattr(self, f"confounds_{name}")
+        return options
 
 
 @dataclass
@@ -172,7 +222,13 @@ class ExperimentConfig:
                    "model.batchnorm": (self.model.batchnorm, BATCHNORM_MODES),
                    "subjects.mode": (self.subjects.mode, SUBJECT_MODES),
                    "data.source": (self.data.source, DATA_SOURCES),
-                   "data.synthetic_size": (self.data.synthetic_size, tuple(SYNTHETIC_SIZES))}
+                   "data.synthetic_size": (self.data.synthetic_size, tuple(SYNTHETIC_SIZES)),
+                   "data.confounds_motion": (self.data.confounds_motion, CONFOUND_LEVELS),
+                   "data.confounds_wm_csf": (self.data.confounds_wm_csf, CONFOUND_LEVELS),
+                   "data.confounds_global_signal": (self.data.confounds_global_signal, CONFOUND_LEVELS),
+                   "data.standardize": (self.data.standardize, STANDARDIZE)}
+        for i, strategy in enumerate(self.data.confounds):
+            choices[f"data.confounds[{i}]"] = (strategy, CONFOUND_STRATEGIES)
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise bad(key, f"= {value!r}; choose one of {', '.join(allowed)}")
@@ -193,6 +249,11 @@ class ExperimentConfig:
                            "run.threads": self.run.threads}.items():
             if value < 0:
                 raise bad(key, f"must be >= 0, got {value!r}")
+        if not self.data.smoothing_fwhm >= 0:
+            raise bad("data.smoothing_fwhm", f"must be >= 0 (mm; 0: no smoothing), got {self.data.smoothing_fwhm!r}")
+        if len(self.subjects.ids) > 1 and self.data.brain_file and "{subject}" not in self.data.brain_file:
+            raise bad("data.brain_file", f"= {self.data.brain_file!r} names one file for "
+                      f"{len(self.subjects.ids)} subjects; put {{subject}} where the subject id goes")
         if not 0 <= self.data.val_fraction < 1:
             raise bad("data.val_fraction", f"must be in [0, 1), got {self.data.val_fraction!r}")
         if not 0 < self.train.lr_factor < 1:

@@ -297,6 +297,83 @@ def compare(baseline: EncodingScores, candidate: EncodingScores, *, metric: str 
     })
 
 
+def pooled_compare(baseline: EncodingScores, candidate: EncodingScores, *, metric: str = "r",
+                   targets: Sequence[bool] | np.ndarray | None = None,
+                   alternative: str = "two-sided") -> dict[str, float]:
+    """One test across a set of targets: the per-run difference of ``metric`` averaged over
+    ``targets`` (a boolean mask; default all), then a Wilcoxon signed-rank test across runs.
+
+    Runs are the independent units (targets of one run share its noise and stimulus), so the
+    pooled test has as many pairs as held-out runs. Returns ``n_runs``, ``n_targets``,
+    ``mean_diff``, ``median_diff``, ``statistic`` and ``p``.
+    """
+    if baseline.runs != candidate.runs or baseline.targets != candidate.targets:
+        raise ValueError(f"{baseline.model!r} and {candidate.model!r} were scored on different runs "
+                         "or targets")
+    mask = np.ones(len(baseline.targets), dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
+    if mask.shape != (len(baseline.targets),) or not mask.any():
+        raise ValueError(f"targets mask of shape {mask.shape} selects no target of {len(baseline.targets)}")
+    diff = (candidate.metric(metric)[:, mask] - baseline.metric(metric)[:, mask]).mean(axis=1)
+    if len(diff) < 2:
+        raise ValueError(f"a Wilcoxon test across runs needs at least 2 runs, got {len(diff)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        test = stats.wilcoxon(diff, alternative=alternative)
+    p = float(test.pvalue) if np.isfinite(test.pvalue) else 1.0
+    return {"n_runs": int(len(diff)), "n_targets": int(mask.sum()), "mean_diff": float(diff.mean()),
+            "median_diff": float(np.median(diff)), "statistic": float(test.statistic), "p": p}
+
+
+def chance_r_sd(truth: Mapping[str, np.ndarray], predictions: Mapping[str, np.ndarray],
+                max_lag: int = 10) -> np.ndarray:
+    """Per target, the standard deviation the run-mean Pearson r would have if predictions were
+    independent of the targets: Bartlett's large-sample variance of a cross-correlation,
+    ``(1 + 2 * sum_k rho_y(k) rho_p(k)) / n_TR`` per run (``rho`` autocorrelations up to
+    ``max_lag``), averaged over runs as the scores are. No permutations: autocorrelated BOLD
+    and smooth predictions widen it beyond the ``1 / n_TR`` of white noise.
+    """
+    variances = []
+    for run, y in truth.items():
+        y, p = _check_pair(y, predictions[run], f"run {run}")
+        n = y.shape[0]
+        total = np.ones(y.shape[1])
+        for k in range(1, min(max_lag, n - 2) + 1):
+            total += 2 * _autocorrelation(y, k) * _autocorrelation(p, k)
+        variances.append(np.maximum(total, 0.0) / n)
+    return np.sqrt(np.sum(variances, axis=0)) / len(variances)
+
+
+def _autocorrelation(x: np.ndarray, lag: int) -> np.ndarray:
+    centred = x - x.mean(axis=0)
+    denominator = (centred ** 2).sum(axis=0)
+    numerator = (centred[lag:] * centred[:-lag]).sum(axis=0)
+    return np.divide(numerator, denominator, out=np.zeros(x.shape[1]), where=denominator > 0)
+
+
+def held_out_noise_ceiling(root: str | os.PathLike, subject: str, runs: Sequence[str]) -> dict[str, np.ndarray]:
+    """The synthetic dataset's noise ceiling of ``subject`` on the held-out ``runs`` only:
+    ``{"r": mean over those runs of the oracle's r, "r2": mean of its square}``.
+
+    ``ground_truth.json`` also holds the mean over all runs; a ceiling must be computed on the
+    runs whose scores it normalises.
+    """
+    import json
+
+    path = Path(root) / "ground_truth.json"
+    try:
+        by_run = json.loads(path.read_text())["subjects"][subject]["noise_ceiling_r_by_run"]
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the ground truth ({error})") from None
+    except KeyError:
+        raise ValueError(f"{path}: no per-run noise ceiling of {subject!r}") from None
+    missing = [run for run in runs if run not in by_run]
+    if missing or not runs:
+        raise ValueError(f"{path}: no noise ceiling of {subject} for runs {missing or list(runs)}")
+    values = np.asarray([by_run[run] for run in runs], dtype=np.float64)
+    return {"r": values.mean(axis=0), "r2": (values ** 2).mean(axis=0)}
+
+
 def ceiling_fraction(scores: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
     """``scores / ceiling`` per target; NaN where the ceiling is not positive (pure-noise targets).
 
@@ -460,6 +537,17 @@ def evaluate_models(models: Mapping[str, Mapping[str, str | os.PathLike]], episo
                 log(f"scoring {label} on the held-out runs of {', '.join(subjects)}")
             for subject, result in score_checkpoint(path, episodes, tr, subjects, label).items():
                 scores[(label, subject)] = result
+    return results_from_scores(scores, comparisons=comparisons, ceilings=ceilings, kinds=kinds, alpha=alpha)
+
+
+def results_from_scores(scores: Mapping[tuple[str, str], EncodingScores], *,
+                        comparisons: Sequence[tuple[str, str]] = (),
+                        ceilings: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                        kinds: Sequence[str] | None = None, alpha: float = 0.05) -> HeldOutResults:
+    """:class:`HeldOutResults` of already computed scores ``{(model, subject): EncodingScores}``
+    (fine-tuned models, ridge encoding models, any mix): the pairs in ``comparisons`` are
+    compared per subject on r and r2 (see :func:`evaluate_models`)."""
+    scores = dict(scores)
     rows = []
     for baseline, candidate in comparisons:
         for subject in sorted({s for (m, s) in scores if m == baseline} & {s for (m, s) in scores if m == candidate}):
@@ -507,4 +595,43 @@ def summarise(scores: Mapping[tuple[str, str], EncodingScores],
             row[f"ceiling_fraction_{metric}"] = (float(np.nanmedian(fraction)) if np.isfinite(fraction).any()
                                                  else np.nan)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_table(results: HeldOutResults, pairs: Sequence[tuple[str, str]], *, kind: str = "auditory",
+                     kinds: Sequence[str] | None = None, metrics: Sequence[str] = ("r", "r2")) -> pd.DataFrame:
+    """Per subject, pair ``(baseline, candidate)`` and metric, over the targets of ``kind``: the
+    mean scores, "k of N" targets with a significant gain (and loss) after BY FDR (from
+    ``results.comparisons``, which must hold the pair), and the pooled test across those
+    targets (:func:`pooled_compare`, runs as units). ``kinds`` gives each target's kind (default:
+    the ``kind`` column of the comparisons; without kinds, every target counts).
+    """
+    rows = []
+    table = results.comparisons
+    for baseline, candidate in pairs:
+        for metric in metrics:
+            part = (table[(table["baseline"] == baseline) & (table["candidate"] == candidate)
+                          & (table["metric"] == metric)] if not table.empty else table)
+            for subject in sorted({s for (m, s) in results.scores if m == baseline}
+                                  & {s for (m, s) in results.scores if m == candidate}):
+                a, b = results.scores[(baseline, subject)], results.scores[(candidate, subject)]
+                if kinds is not None:
+                    mask = np.asarray(kinds) == kind
+                elif "kind" in part and len(part):
+                    mask = (part[part["subject"] == subject]["kind"] == kind).to_numpy()
+                else:
+                    mask = np.ones(len(a.targets), dtype=bool)
+                rows_subject = part[part["subject"] == subject] if len(part) else part
+                selected = rows_subject[mask] if len(rows_subject) == len(mask) else rows_subject.iloc[0:0]
+                pooled = pooled_compare(a, b, metric=metric, targets=mask)
+                rows.append({"subject": subject, "baseline": baseline, "candidate": candidate, "metric": metric,
+                             "targets": f"{kind}" if mask.sum() < len(mask) else "all",
+                             "n": int(mask.sum()),
+                             "mean_baseline": float(a.mean(metric)[mask].mean()),
+                             "mean_candidate": float(b.mean(metric)[mask].mean()),
+                             "mean_diff": pooled["mean_diff"],
+                             "k_gain": int(selected["gain"].sum()) if len(selected) else np.nan,
+                             "k_loss": (int((selected["significant"] & (selected["median_diff"] < 0)).sum())
+                                        if len(selected) else np.nan),
+                             "pooled_p": pooled["p"], "n_runs": pooled["n_runs"]})
     return pd.DataFrame(rows)

@@ -17,7 +17,10 @@ k-fold, pitch and event tasks from :mod:`training.hear_tasks`, with a small pred
 their metadata); real HEAR task folders work the same way.
 
 Robustness:
-- a task folder that heareval could not read is reported by name and left out; the others run;
+- a task folder that heareval could not read stops the run before anything runs, naming it and
+  why; with ``skip_malformed`` (``--skip-malformed``) it is left out, the others run, and the
+  score table names it as skipped. Labels are compared as strings, as heareval does, so the
+  numeric labels hear-preprocess writes (``[60]``, ``{"label": 60, ...}``) are valid;
 - a checkpoint that fails to load (or whose runner fails) is reported; the others still run;
 - rerunning resumes: heareval skips tasks with ``.done.embeddings`` and
   ``prediction-done.json`` markers, and this module skips checkpoints whose tasks are all done.
@@ -50,6 +53,18 @@ LOWER_IS_BETTER = ("segment_1s_er", "loss")
 
 class TaskError(ValueError):
     """A task folder is not in the HEAR format heareval reads."""
+
+
+class MalformedTasksError(ValueError):
+    """Some task folders are malformed and the caller did not ask to skip them."""
+
+    def __init__(self, tasks_dir: Path, problems: Mapping[str, str]):
+        self.problems = dict(problems)
+        super().__init__(
+            f"{tasks_dir}: {len(problems)} malformed task folder(s), nothing was run:\n"
+            + "\n".join(f"  {problem}" for problem in problems.values())
+            + "\nfix them, remove them, or pass --skip-malformed (skip_malformed=True) to score "
+              "the other tasks and list these as skipped")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,23 +164,49 @@ def validate_task(path: str | os.PathLike, sample_rate: int = 22050,
 
 
 def _read_vocabulary(task: Path) -> set[str]:
+    """The label vocabulary as heareval sees it: the strings its ``label_to_idx`` maps.
+
+    heareval reads ``labelvocabulary.csv`` with pandas (so ``60`` is read as the integer 60) and
+    converts the label column with ``astype(str)`` (``score.label_vocab_as_dict``); it then looks
+    labels up as ``str(label)``. hear-preprocess writes numeric labels (nsynth pitch, libricount,
+    maestro notes) as JSON numbers, which match this way. Reading the file the same way keeps
+    the two in agreement, including on spellings such as ``060`` that pandas reads as 60.
+    """
     path = task / "labelvocabulary.csv"
     if not path.is_file():
         raise TaskError(f"task {task.name}: missing labelvocabulary.csv ({path})")
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows or [c.strip() for c in rows[0]] != ["idx", "label"]:
-        raise TaskError(f"task {task.name}: {path} must start with the header 'idx,label'")
-    body = [row for row in rows[1:] if row]
-    if not body:
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise TaskError(f"task {task.name}: {path} is not a CSV file ({error})") from None
+    if [str(c).strip() for c in frame.columns] != ["idx", "label"]:
+        raise TaskError(f"task {task.name}: {path} must start with the header 'idx,label' "
+                        f"(and have two columns), got {list(frame.columns)}")
+    if frame.empty:
         raise TaskError(f"task {task.name}: {path} lists no labels")
     try:
-        indices = [int(row[0]) for row in body]
-    except (ValueError, IndexError):
+        indices = [int(i) for i in frame["idx"]]
+    except (ValueError, TypeError):
         raise TaskError(f"task {task.name}: {path} has a row that is not 'integer,label'") from None
-    if sorted(indices) != list(range(len(body))) or any(len(row) != 2 for row in body):
-        raise TaskError(f"task {task.name}: {path} must number its labels 0..{len(body) - 1}")
-    return {row[1] for row in body}
+    if sorted(indices) != list(range(len(frame))):
+        raise TaskError(f"task {task.name}: {path} must number its labels 0..{len(frame) - 1}")
+    if frame["label"].isna().any():
+        row = int(np.flatnonzero(frame["label"].isna())[0]) + 2
+        raise TaskError(f"task {task.name}: {path} line {row}: a label pandas reads as missing (empty, "
+                        "NA, null, ...): heareval would look it up as 'nan'; rename it")
+    labels = frame["label"].astype(str)
+    duplicated = sorted(set(labels[labels.duplicated()]))
+    if duplicated:
+        raise TaskError(f"task {task.name}: {path} lists label(s) {duplicated} more than once "
+                        "(as heareval reads them: as strings)")
+    return set(labels)
+
+
+def _label_key(value: Any) -> str | None:
+    """``str(value)`` for a JSON scalar label (what heareval looks up), ``None`` for anything else."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _check_split(task: Path, split: str, meta: Mapping[str, Any], vocabulary: set[str],
@@ -177,23 +218,25 @@ def _check_split(task: Path, split: str, meta: Mapping[str, Any], vocabulary: se
         raise TaskError(f"task {task.name}: {path.name} must map audio file names to labels")
     for name, value in labels.items():
         if meta["embedding_type"] == "scene":
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            keys = [_label_key(v) for v in value] if isinstance(value, list) else [None]
+            ok = None not in keys
             if ok and meta["prediction_type"] == "multiclass":
-                ok = len(value) == 1
-            bad = [] if not ok else [v for v in value if v not in vocabulary]
+                ok = len(keys) == 1
         else:
             ok = isinstance(value, list) and all(
                 isinstance(e, dict) and {"label", "start", "end"} <= set(e)
+                and _label_key(e["label"]) is not None
                 and isinstance(e["start"], (int, float)) and isinstance(e["end"], (int, float))
                 and e["start"] <= e["end"] for e in value)
-            bad = [] if not ok else [e["label"] for e in value if e["label"] not in vocabulary]
+            keys = [_label_key(e["label"]) for e in value] if ok else []
         if not ok:
             raise TaskError(f"task {task.name}: {path.name}: labels of {name!r} are malformed "
                             f"({value!r:.80}) for a {meta['embedding_type']} "
                             f"{meta['prediction_type']} task")
+        bad = [key for key in keys if key not in vocabulary]
         if bad:
             raise TaskError(f"task {task.name}: {path.name}: {name!r} has label(s) {bad} that are "
-                            "not in labelvocabulary.csv")
+                            "not in labelvocabulary.csv (compared as strings, as heareval does)")
     audio = task / str(sample_rate) / split
     if not audio.is_dir():
         raise TaskError(f"task {task.name}: no audio folder {audio} (the plugin runs at "
@@ -370,16 +413,30 @@ def plot_scores(scores: pd.DataFrame, png_path: str | os.PathLike, title: str = 
         plt.close(figure)
 
 
-def write_tables(scores: pd.DataFrame, out_dir: str | os.PathLike, stem: str = "hear_scores"
-                 ) -> dict[str, Path]:
-    """Write the long CSV, the Markdown table of primary scores and the bar chart into ``out_dir``."""
+def skipped_markdown(skipped: Mapping[str, str]) -> str:
+    """Markdown lines naming the task folders that were skipped as malformed, and why."""
+    if not skipped:
+        return ""
+    lines = [f"Skipped {len(skipped)} malformed task folder(s) (not scored):", ""]
+    lines += [f"- `{name}`: {problem.splitlines()[0]}" for name, problem in sorted(skipped.items())]
+    return "\n".join(lines)
+
+
+def write_tables(scores: pd.DataFrame, out_dir: str | os.PathLike, stem: str = "hear_scores",
+                 skipped: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Write the long CSV, the Markdown table of primary scores and the bar chart into ``out_dir``.
+
+    ``skipped`` (task folder -> problem) is listed under the Markdown table, so that a table
+    with fewer tasks than the tasks directory says which are missing and why.
+    """
     out_dir = Path(out_dir)
     if scores.empty:
         raise ValueError("no HEAR scores to write: no task finished for any checkpoint")
+    notes = skipped_markdown(skipped or {})
+    markdown = primary_markdown(scores) + "\n" + (f"\n{notes}\n" if notes else "")
     paths = {
         "csv": atomic_write(out_dir / f"{stem}.csv", lambda tmp: scores.to_csv(tmp, index=False)),
-        "md": atomic_write(out_dir / f"{stem}.md",
-                           lambda tmp: Path(tmp).write_text(primary_markdown(scores) + "\n")),
+        "md": atomic_write(out_dir / f"{stem}.md", lambda tmp: Path(tmp).write_text(markdown)),
         "png": plot_scores(scores, out_dir / f"{stem}.png"),
     }
     return paths
@@ -617,13 +674,16 @@ def evaluate_checkpoint(spec: CheckpointSpec, tasks: Sequence[TaskInfo], staging
 
 def run_hear_eval(checkpoints: Sequence[CheckpointSpec], tasks_dir: str | os.PathLike,
                   out_dir: str | os.PathLike, *, grid: str = "default", grid_points: int = 1,
-                  timeout: float | None = None, log: Callable[[str], None] = print) -> HearEvalResult:
+                  timeout: float | None = None, skip_malformed: bool = False,
+                  log: Callable[[str], None] = print) -> HearEvalResult:
     """Evaluate every checkpoint on every valid task of ``tasks_dir``; write the tables.
 
-    Malformed tasks are reported in the result (and ``hear_status.json``) and skipped; a
-    checkpoint that fails to load or whose runner fails is reported and the others still run;
-    finished work (heareval's markers) is never redone. Raises ``ValueError`` only when no task
-    is valid or two checkpoints share a label.
+    A malformed task folder raises :class:`MalformedTasksError` (naming each one and why) before
+    anything runs, unless ``skip_malformed``: then it is left out, logged, recorded in
+    ``hear_status.json`` and named under the score table. A checkpoint that fails to load or
+    whose runner fails is reported and the others still run; finished work (heareval's markers)
+    is never redone. Also raises ``ValueError`` when no task is valid or two checkpoints share
+    a label.
     """
     out_dir = Path(out_dir)
     labels = [spec.label for spec in checkpoints]
@@ -632,6 +692,8 @@ def run_hear_eval(checkpoints: Sequence[CheckpointSpec], tasks_dir: str | os.Pat
     if not checkpoints:
         raise ValueError("no checkpoints to evaluate")
     tasks, problems = scan_tasks(tasks_dir)
+    if problems and not skip_malformed:
+        raise MalformedTasksError(Path(tasks_dir), problems)
     for name, problem in problems.items():
         log(f"skipping malformed task {name}: {problem}")
     if not tasks:
@@ -642,7 +704,7 @@ def run_hear_eval(checkpoints: Sequence[CheckpointSpec], tasks_dir: str | os.Pat
                                     timeout=timeout, log=log) for spec in checkpoints]
     scores = collect_scores({o.label: out_dir / "embeddings" / o.label for o in outcomes if o.tasks_done},
                             tasks=[t.name for t in tasks])
-    files = write_tables(scores, out_dir) if not scores.empty else {}
+    files = write_tables(scores, out_dir, skipped=problems) if not scores.empty else {}
     status = {"tasks_dir": str(Path(tasks_dir).resolve()), "tasks": [t.name for t in tasks],
               "task_problems": problems, "grid": grid, "grid_points": grid_points,
               "checkpoints": [asdict(o) for o in outcomes]}

@@ -16,7 +16,11 @@ The tasks (all deterministic for a seed; sizes configurable, tens of clips by de
 - :func:`pitch_task`: harmonic tones of 12 MIDI pitches (C4..B4) with random timbre,
   pitch_acc and chroma_acc (vocabulary in pitch order, so idx % 12 is the chroma);
 - :func:`event_task`: beeps and noise bursts placed at known times over quiet noise, onset
-  F-measure (200 ms and 50 ms collars) and 1-s segment error rate.
+  F-measure (200 ms and 50 ms collars) and 1-s segment error rate;
+- :func:`mixture_task`: multilabel scenes (one or two of the scene sounds mixed), mAP;
+- :func:`numeric_label_tasks`: the same kinds of task with JSON-integer labels, exactly as
+  hear-preprocess writes numeric labels (nsynth_pitch ``[60]``, libricount ``[0]``, maestro
+  ``{"label": 60, ...}``).
 
 ``param_grid`` / ``postprocessing_grid`` go to ``evaluation_params`` (heareval's
 ``task_specific_param_grid`` / ``event_postprocessing_grid``): tests use them to train small
@@ -45,6 +49,7 @@ PITCHES = tuple(range(60, 72))  # MIDI C4..B4: idx = pitch - 60, so idx % 12 is 
 EVENT_LABELS = ("beep", "burst")
 
 Clip = Callable[[np.random.Generator, int], np.ndarray]
+Label = Any  # a label as written to the split json: a string, or a number as hear-preprocess writes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,16 +218,33 @@ def write_task(tasks_dir: str | os.PathLike, name: str, *, embedding_type: str,
 
 
 def _classification(rng: np.random.Generator, sounds: Mapping[str, Clip], split_counts: Mapping[str, int],
-                    duration: float) -> dict[str, dict[str, tuple[np.ndarray, list[str]]]]:
+                    duration: float, values: Mapping[str, Label]) -> dict[str, dict[str, tuple[np.ndarray, list[Label]]]]:
     n = int(round(duration * SAMPLE_RATE))
-    splits: dict[str, dict[str, tuple[np.ndarray, list[str]]]] = {}
+    splits: dict[str, dict[str, tuple[np.ndarray, list[Label]]]] = {}
     for split, per_class in split_counts.items():
         clips = {}
         for label, make in sounds.items():
             for i in range(per_class):
-                clips[f"{split}_{label}_{i:02d}.wav"] = (_mix(rng, _fade(make(rng, n))), [label])
+                clips[f"{split}_{label}_{i:02d}.wav"] = (_mix(rng, _fade(make(rng, n))), [values[label]])
         splits[split] = clips
     return splits
+
+
+def _label_values(classes: Sequence[str], label_values: Mapping[str, Label] | None) -> dict[str, Label]:
+    """The label written for each class: its name, or ``label_values[name]`` (e.g. an integer, as
+    hear-preprocess writes numeric labels: ``[60]``, ``{"label": 60, ...}``)."""
+    if label_values is None:
+        return {name: name for name in classes}
+    if sorted(label_values) != sorted(classes):
+        raise ValueError(f"label_values must give a label for each of {list(classes)}, got {list(label_values)}")
+    values = [label_values[name] for name in classes]
+    if len({str(v) for v in values}) != len(values):
+        raise ValueError(f"label_values {values} are not distinct as strings (heareval compares str(label))")
+    return {name: label_values[name] for name in classes}
+
+
+def _evaluation_params(param_grid: Mapping[str, list] | None) -> dict[str, Any] | None:
+    return {"task_specific_param_grid": dict(param_grid)} if param_grid else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,39 +252,67 @@ def _classification(rng: np.random.Generator, sounds: Mapping[str, Clip], split_
 # ----------------------------------------------------------------------------------------------
 
 def scene_task(tasks_dir: str | os.PathLike, *, name: str = "synth_scene", per_class: int = 6,
-               duration: float = 2.0, seed: int = 0,
+               duration: float = 2.0, seed: int = 0, label_values: Mapping[str, Label] | None = None,
                param_grid: Mapping[str, list] | None = None, overwrite: bool = False) -> Path:
-    """4 scene classes, ``per_class`` clips of each in train and half as many in valid/test."""
+    """4 scene classes, ``per_class`` clips of each in train and half as many in valid/test.
+    ``label_values`` maps each class of :data:`SCENE_LABELS` to the label written (default: its name)."""
     rng = np.random.default_rng(seed)
+    values = _label_values(SCENE_LABELS, label_values)
     small = max(1, per_class // 2)
     splits = _classification(rng, SCENE_SOUNDS, {"train": per_class, "valid": small, "test": small},
-                             duration)
+                             duration, values)
     return write_task(tasks_dir, name, embedding_type="scene", prediction_type="multiclass",
                       split_mode="trainvaltest", duration=duration, evaluation=["top1_acc"],
-                      labels=SCENE_LABELS, splits=splits, overwrite=overwrite,
-                      evaluation_params={"task_specific_param_grid": dict(param_grid)} if param_grid else None)
+                      labels=list(values.values()), splits=splits, overwrite=overwrite,
+                      evaluation_params=_evaluation_params(param_grid))
+
+
+def mixture_task(tasks_dir: str | os.PathLike, *, name: str = "synth_mixture", clips: Mapping[str, int] | None = None,
+                 duration: float = 2.0, seed: int = 4, label_values: Mapping[str, Label] | None = None,
+                 param_grid: Mapping[str, list] | None = None, overwrite: bool = False) -> Path:
+    """Multilabel scenes: each clip mixes one or two of the 4 scene sounds, labelled with the
+    sorted list of those present; scored by mAP (first) and d-prime."""
+    rng = np.random.default_rng(seed)
+    values = _label_values(SCENE_LABELS, label_values)
+    n = int(round(duration * SAMPLE_RATE))
+    splits: dict[str, dict[str, tuple[np.ndarray, list[Label]]]] = {}
+    for split, count in (clips or {"train": 24, "valid": 8, "test": 8}).items():
+        files = {}
+        for i in range(count):
+            present = sorted(rng.choice(SCENE_LABELS, size=int(rng.integers(1, 3)), replace=False).tolist())
+            audio = sum(_fade(SCENE_SOUNDS[c](rng, n)) / len(present) for c in present)
+            files[f"{split}_{i:03d}.wav"] = (_mix(rng, audio), [values[c] for c in present])
+        splits[split] = files
+    return write_task(tasks_dir, name, embedding_type="scene", prediction_type="multilabel",
+                      split_mode="trainvaltest", duration=duration, evaluation=["mAP", "d_prime"],
+                      labels=list(values.values()), splits=splits, overwrite=overwrite,
+                      evaluation_params=_evaluation_params(param_grid))
 
 
 def kfold_task(tasks_dir: str | os.PathLike, *, name: str = "synth_kfold", n_folds: int = 3,
                per_class: int = 3, duration: float = 2.0, seed: int = 1,
+               label_values: Mapping[str, Label] | None = None,
                param_grid: Mapping[str, list] | None = None, overwrite: bool = False) -> Path:
-    """3 classes, ``per_class`` clips of each in every one of ``n_folds`` (>= 3) folds."""
+    """3 classes, ``per_class`` clips of each in every one of ``n_folds`` (>= 3) folds.
+    ``label_values`` maps each class of :data:`KFOLD_LABELS` to the label written."""
     if n_folds < 3:
         raise ValueError(f"heareval's k-fold needs at least 3 folds, got n_folds={n_folds}")
     rng = np.random.default_rng(seed)
+    values = _label_values(KFOLD_LABELS, label_values)
     folds = {f"fold{i:02d}": per_class for i in range(n_folds)}
-    splits = _classification(rng, KFOLD_SOUNDS, folds, duration)
+    splits = _classification(rng, KFOLD_SOUNDS, folds, duration, values)
     return write_task(tasks_dir, name, embedding_type="scene", prediction_type="multiclass",
                       split_mode="new_split_kfold", duration=duration, evaluation=["top1_acc"],
-                      labels=KFOLD_LABELS, splits=splits, overwrite=overwrite,
-                      evaluation_params={"task_specific_param_grid": dict(param_grid)} if param_grid else None)
+                      labels=list(values.values()), splits=splits, overwrite=overwrite,
+                      evaluation_params=_evaluation_params(param_grid))
 
 
 def pitch_task(tasks_dir: str | os.PathLike, *, name: str = "synth_pitch", per_pitch: int = 3,
-               duration: float = 1.0, seed: int = 2,
+               duration: float = 1.0, seed: int = 2, integer_labels: bool = False,
                param_grid: Mapping[str, list] | None = None, overwrite: bool = False) -> Path:
     """12 MIDI pitches (C4..B4) of harmonic tones with random timbre and level; labels are the
-    MIDI numbers as strings, in pitch order."""
+    MIDI numbers in pitch order: strings (``["60"]``), or with ``integer_labels`` JSON integers
+    (``[60]``) as hear-preprocess writes nsynth_pitch."""
     rng = np.random.default_rng(seed)
     n = int(round(duration * SAMPLE_RATE))
     small = max(1, per_pitch // 2)
@@ -273,13 +323,13 @@ def pitch_task(tasks_dir: str | os.PathLike, *, name: str = "synth_pitch", per_p
             for i in range(count):
                 f0 = 440.0 * 2 ** ((pitch - 69) / 12) * 2 ** (rng.uniform(-0.2, 0.2) / 12)
                 sound = harmonic(f0, n, rolloff=rng.uniform(0.5, 2.0)) * np.exp(-rng.uniform(0.5, 3) * _t(n))
-                clips[f"{split}_{pitch}_{i:02d}.wav"] = (_mix(rng, _fade(sound)), [str(pitch)])
+                label = pitch if integer_labels else str(pitch)
+                clips[f"{split}_{pitch}_{i:02d}.wav"] = (_mix(rng, _fade(sound)), [label])
         splits[split] = clips
     return write_task(tasks_dir, name, embedding_type="scene", prediction_type="multiclass",
                       split_mode="trainvaltest", duration=duration,
                       evaluation=["pitch_acc", "chroma_acc"], labels=[str(p) for p in PITCHES],
-                      splits=splits, overwrite=overwrite,
-                      evaluation_params={"task_specific_param_grid": dict(param_grid)} if param_grid else None)
+                      splits=splits, overwrite=overwrite, evaluation_params=_evaluation_params(param_grid))
 
 
 def place_events(rng: np.random.Generator, duration: float, n_events: int,
@@ -303,12 +353,15 @@ def place_events(rng: np.random.Generator, duration: float, n_events: int,
 def event_task(tasks_dir: str | os.PathLike, *, name: str = "synth_events",
                clips: Mapping[str, int] | None = None, duration: float = 4.0,
                events_per_clip: tuple[int, int] = (1, 3), seed: int = 3,
+               label_values: Mapping[str, Label] | None = None,
                param_grid: Mapping[str, list] | None = None,
                postprocessing_grid: Mapping[str, list] | None = None,
                overwrite: bool = False) -> Path:
     """Beeps (harmonic tone bursts) and noise bursts at random known times over a quiet noise
-    floor; labels are the exact onsets and offsets in ms."""
+    floor; labels are the exact onsets and offsets in ms. ``label_values`` maps ``beep`` and
+    ``burst`` to the labels written (e.g. MIDI-like integers, as hear-preprocess writes maestro)."""
     rng = np.random.default_rng(seed)
+    values = _label_values(EVENT_LABELS, label_values)
     clips = dict(clips or {"train": 24, "valid": 8, "test": 8})
     n = int(round(duration * SAMPLE_RATE))
     splits: dict[str, dict[str, tuple[np.ndarray, list[dict[str, Any]]]]] = {}
@@ -324,7 +377,7 @@ def event_task(tasks_dir: str | os.PathLike, *, name: str = "synth_events",
                 sound = (harmonic(rng.uniform(500, 1500), length) if label == "beep"
                          else _band_noise(rng, length, 1000, 8000))
                 audio[start:stop] += _fade(sound, 5.0) * rng.uniform(0.3, 0.8)
-                events.append({"label": label, "start": 1000.0 * start / SAMPLE_RATE,
+                events.append({"label": values[label], "start": 1000.0 * start / SAMPLE_RATE,
                                "end": 1000.0 * stop / SAMPLE_RATE})
             files[f"{split}_{i:03d}.wav"] = (audio, events)
         splits[split] = files
@@ -336,7 +389,7 @@ def event_task(tasks_dir: str | os.PathLike, *, name: str = "synth_events",
     return write_task(tasks_dir, name, embedding_type="event", prediction_type="multilabel",
                       split_mode="trainvaltest", duration=duration,
                       evaluation=["event_onset_200ms_fms", "event_onset_50ms_fms", "segment_1s_er"],
-                      labels=EVENT_LABELS, splits=splits, evaluation_params=params or None,
+                      labels=list(values.values()), splits=splits, evaluation_params=params or None,
                       overwrite=overwrite)
 
 
@@ -348,6 +401,33 @@ def make_tasks(tasks_dir: str | os.PathLike, *, seed: int = 0, scale: int = 1,
             pitch_task(tasks_dir, per_pitch=3 * scale, seed=seed + 2, overwrite=overwrite),
             event_task(tasks_dir, clips={"train": 24 * scale, "valid": 8 * scale, "test": 8 * scale},
                        seed=seed + 3, overwrite=overwrite)]
+
+
+def numeric_label_tasks(tasks_dir: str | os.PathLike, *, seed: int = 0, scale: int = 1,
+                        param_grid: Mapping[str, list] | None = None,
+                        event_param_grid: Mapping[str, list] | None = None,
+                        postprocessing_grid: Mapping[str, list] | None = None,
+                        overwrite: bool = False) -> list[Path]:
+    """Tasks whose labels are JSON integers, as hear-preprocess writes numeric labels:
+    ``synth_pitch_int`` (scene multiclass, ``[60]``, like nsynth_pitch), ``synth_mixture_int``
+    (scene multilabel, ``[0, 3]``), ``synth_count_int`` (k-fold multiclass, ``[0]``, like
+    libricount's counts) and ``synth_events_int`` (events ``{"label": 60, ...}``, like maestro).
+    The vocabularies list the same numbers (``idx,label`` / ``0,60``). ``event_param_grid``
+    (default: ``param_grid``) is the event task's predictor grid: it has ~80 frames per clip."""
+    grid = {"param_grid": param_grid}
+    return [
+        pitch_task(tasks_dir, name="synth_pitch_int", per_pitch=3 * scale, duration=2.0, seed=seed + 2,
+                   integer_labels=True, overwrite=overwrite, **grid),
+        mixture_task(tasks_dir, name="synth_mixture_int", seed=seed + 4, overwrite=overwrite,
+                     clips={"train": 16 * scale, "valid": 6 * scale, "test": 6 * scale},
+                     label_values={c: i for i, c in enumerate(SCENE_LABELS)}, **grid),
+        kfold_task(tasks_dir, name="synth_count_int", per_class=3 * scale, seed=seed + 1, overwrite=overwrite,
+                   label_values={c: i for i, c in enumerate(KFOLD_LABELS)}, **grid),
+        event_task(tasks_dir, name="synth_events_int", seed=seed + 3, overwrite=overwrite,
+                   clips={"train": 24 * scale, "valid": 8 * scale, "test": 8 * scale},
+                   label_values={"beep": 60, "burst": 67}, postprocessing_grid=postprocessing_grid,
+                   param_grid=event_param_grid or param_grid),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

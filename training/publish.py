@@ -14,15 +14,23 @@
 The brain heads (``extra.head.<subject>.{weight,bias,input_mean,input_scale}``) predict a
 subject's targets from conv7: see ``BRAIN_HEAD_FORMULA`` and :mod:`training.model`.
 
+An unfinished run (killed, diverged, or still training: its ``last.safetensors`` records no
+stop reason) is refused by :func:`export` unless ``allow_unfinished=True``
+(``--allow-unfinished``); its best-so-far model is then exported and the provenance
+(``training_status``) and the model card say so. :func:`publish` checks the name, the repo id,
+the manifest file and the checkpoint before its first network call, so a bad argument never
+leaves a half-made repository behind.
+
 Command line::
 
-    python -m training.publish export RUN_DIR OUT_DIR [--name NAME]
+    python -m training.publish export RUN_DIR OUT_DIR [--name NAME] [--allow-unfinished]
     python -m training.publish publish OUT_DIR --repo-id ORG/NAME --name NAME --manifest FILE [--endpoint URL]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,10 +43,10 @@ from huggingface_hub import HfApi
 from hear_brainsoundnet import __version__
 from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, NAME_PATTERN, HubCheckpoint, ManifestEntry,
-                                    load_manifest, write_manifest)
+                                    ManifestError, load_manifest, write_manifest)
 
 from .model import FEATURE_LAYER, EncodingModel, head_tensors, load_heads, plain_backbone
-from .state import load_model
+from .state import load_model, run_completion
 
 LICENCE = "CC-BY-4.0"
 BRAIN_HEAD_FORMULA = (
@@ -46,6 +54,10 @@ BRAIN_HEAD_FORMULA = (
     "x[c, u] = (conv7[c, frame(u)] - input_mean[c]) / input_scale[c] for u >= 0 and 0 before the "
     "run's first TR; frame(u) = the conv7 frame whose centre is nearest the middle of TR u, "
     "(u + 1/2) * TR * 22050 samples (conv7 frame j is centred on sample -10001.5 + 32768 j)")
+
+
+class ExportError(ValueError):
+    """An export or publication is refused before anything is written or uploaded."""
 
 
 @dataclass
@@ -114,16 +126,51 @@ def _description(metadata: dict[str, Any]) -> str:
         lines += ["", "**Demo model**: trained on the synthetic Friends-like dataset embedded in "
                   "hear-brainsoundnet (generated audio and simulated BOLD), not on real fMRI. It "
                   "shows the pipeline working end to end; it is not a brain-aligned network."]
+    status = metadata.get("training_status") or {}
+    if status and not status.get("finished"):
+        lines += ["", f"**Unfinished run**: exported at the user's request before training "
+                  f"ended ({status.get('epochs_completed')} of at most {status.get('max_epochs')} "
+                  f"epochs); this is the best model so far (epoch {metadata.get('epoch')})."]
     return "\n".join(lines)
 
 
-def export(run: str | Path, out_dir: str | Path, *, name: str | None = None) -> Export:
+def _training_status(best: Path, config: dict[str, Any], allow_unfinished: bool) -> dict[str, Any]:
+    """Whether the run that wrote ``best`` finished; refuse an unfinished one unless allowed."""
+    done = run_completion(best.parent)
+    status = {"finished": bool(done["finished"]), "stop_reason": done["finished"],
+              "epochs_completed": done["epochs"],
+              "max_epochs": config.get("train", {}).get("max_epochs")}
+    if not status["finished"] and not allow_unfinished:
+        why = (f"it stopped after {done['epochs']} of at most {status['max_epochs']} epochs "
+               "(killed, diverged or still training)" if done["known"] else
+               f"there is no readable {best.parent / 'last.safetensors'} to tell whether it finished")
+        raise ExportError(f"{best}: the run has not finished: {why}. Resume the training, or "
+                          "export the best model so far with --allow-unfinished "
+                          "(allow_unfinished=True); the model card then says so")
+    return status
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that is a file, or that cannot be made, before writing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; export writes a folder "
+                          f"({CHECKPOINT_FILENAME}, config.json, README.md): choose another path")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"{out_dir}: cannot create the export folder ({error})") from None
+
+
+def export(run: str | Path, out_dir: str | Path, *, name: str | None = None,
+           allow_unfinished: bool = False) -> Export:
     """Export the best model of a run directory (or a ``best.safetensors`` file) to ``out_dir``.
 
     The checkpoint loads in the HEAR plugin (``hear_brainsoundnet.load_model(out_dir /
-    "model.safetensors")``) and carries the heads and the provenance.
+    "model.safetensors")``) and carries the heads and the provenance. The run must have
+    finished (its ``last.safetensors`` records a stop reason) unless ``allow_unfinished``.
     """
     run = Path(run)
+    out_dir = Path(out_dir)
     best = run / "best.safetensors" if run.is_dir() else run
     if not best.is_file():
         raise FileNotFoundError(f"{best}: no best model (has the run finished an epoch?)")
@@ -132,6 +179,8 @@ def export(run: str | Path, out_dir: str | Path, *, name: str | None = None) -> 
     name = name or default_name(metadata)
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"name {name!r} must match {NAME_PATTERN.pattern} (it becomes a module name)")
+    metadata["training_status"] = _training_status(best, config, allow_unfinished)
+    _check_out_dir(out_dir)
     subjects = list(model.heads)
     history_path = best.parent / "curves.csv"
     provenance = {
@@ -147,6 +196,7 @@ def export(run: str | Path, out_dir: str | Path, *, name: str | None = None) -> 
         "code_version": _code_version(),
         "training_config": config,
         "curves": history_path.name if history_path.is_file() else None,
+        "training_status": metadata["training_status"],
         "licence": LICENCE,
     }
     head_config = {"brain_head": {
@@ -154,7 +204,6 @@ def export(run: str | Path, out_dir: str | Path, *, name: str | None = None) -> 
         "kernel_trs": model.kernel_trs, "tr": metadata["tr"], "subjects": subjects,
         "targets": metadata["target_names"], "formula": BRAIN_HEAD_FORMULA,
         "tensors": sorted(head_tensors(model)), "batchnorm_during_training": model.batchnorm}}
-    out_dir = Path(out_dir)
     checkpoint_path = save_checkpoint(out_dir / CHECKPOINT_FILENAME, plain_backbone(model),
                                       provenance=provenance, extra_tensors=head_tensors(model),
                                       extra_config=head_config)
@@ -183,34 +232,64 @@ def load_brain_model(path: str | Path, device: str = "cpu") -> tuple[EncodingMod
     return model.to(device).eval(), head
 
 
+def _publication_entry(name: str, repo_id: str, sha256: str, provenance: dict[str, Any],
+                       revision: str) -> ManifestEntry:
+    """The manifest entry of a publication (validated: errors name the field)."""
+    description = _description({"config": provenance.get("training_config", {}),
+                                "model": {"subjects": {s: 0 for s in provenance.get("subjects", [])},
+                                          "condition": provenance.get("condition", "")}})
+    entry = ManifestEntry(
+        name=name, description=description.split("\n")[0], source="hub", sha256=sha256,
+        licence=LICENCE, card=f"{repo_id}/README.md",
+        training={key: provenance.get(key) for key in ("condition", "subjects", "metrics", "seed",
+                                                         "code_version", "synthetic_data",
+                                                         "training_status")},
+        repo_id=repo_id, filename=CHECKPOINT_FILENAME, revision=revision)
+    entry.validate(f"publication {name!r}")
+    return entry
+
+
+def _existing_manifest(manifest: Path) -> dict[str, ManifestEntry]:
+    """The entries already in ``manifest`` (none if it does not exist yet), checked writable."""
+    if manifest.exists() and not manifest.is_file():
+        raise ExportError(f"{manifest}: the manifest path is not a file")
+    if not manifest.parent.is_dir():
+        raise ExportError(f"{manifest}: its folder {manifest.parent} does not exist")
+    if not os.access(manifest.parent, os.W_OK):
+        raise ExportError(f"{manifest}: its folder is not writable")
+    return load_manifest(manifest) if manifest.is_file() else {}
+
+
 def publish(folder: str | Path, repo_id: str, *, name: str, manifest: str | Path,
             endpoint: str | None = None, token: str | None = None, private: bool = False,
             commit_message: str | None = None) -> Publication:
     """Upload an exported folder to ``repo_id`` and record it in the manifest file ``manifest``.
 
-    The manifest entry pins the commit the upload created and the checkpoint's sha256; an entry
-    of the same name is replaced, other entries are kept.
+    Everything is checked before the first network call: the name and repo id (as the
+    manifest and huggingface_hub would check them), the manifest file (readable, valid,
+    writable folder) and the checkpoint (it loads in the plugin). The manifest entry pins the
+    commit the upload created and the checkpoint's sha256; an entry of the same name is
+    replaced, other entries are kept.
     """
     folder = Path(folder)
+    manifest = Path(manifest)
+    if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise ExportError(f"name {name!r} must match {NAME_PATTERN.pattern} (it becomes the module "
+                          f"hear_brainsoundnet.models.<name>)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such export folder (make one with `python -m "
+                                "training.publish export`)")
     checkpoint_path = folder / CHECKPOINT_FILENAME
     checkpoint = load_checkpoint(checkpoint_path)  # refuses anything the plugin could not load
     sha256 = sha256_file(checkpoint_path)
+    provenance = checkpoint.provenance
+    _publication_entry(name, repo_id, sha256, provenance, "0" * 40)  # repo id, fields: fail now
+    entries = _existing_manifest(manifest)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
                                commit_message=commit_message or f"hear-brainsoundnet {name}")
-    provenance = checkpoint.provenance
-    entry = ManifestEntry(
-        name=name, description=_description({"config": provenance.get("training_config", {}),
-                                             "model": {"subjects": {s: 0 for s in provenance.get("subjects", [])},
-                                                       "condition": provenance.get("condition", "")}}
-                                            ).split("\n")[0],
-        source="hub", sha256=sha256, licence=LICENCE, card=f"{repo_id}/README.md",
-        training={key: provenance.get(key) for key in ("condition", "subjects", "metrics", "seed",
-                                                         "code_version", "synthetic_data")},
-        repo_id=repo_id, filename=CHECKPOINT_FILENAME, revision=commit.oid)
-    manifest = Path(manifest)
-    entries = load_manifest(manifest) if manifest.is_file() else {}
+    entry = _publication_entry(name, repo_id, sha256, provenance, commit.oid)
     entries[name] = entry
     write_manifest(manifest, entries.values())
     return Publication(repo_id, commit.oid, CHECKPOINT_FILENAME, sha256, manifest, entry)
@@ -223,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("run", help="run directory (or its best.safetensors)")
     ex.add_argument("out_dir")
     ex.add_argument("--name", help="checkpoint name (default: condition_subject)")
+    ex.add_argument("--allow-unfinished", action="store_true",
+                    help="export the best model so far of a run that has not finished (the card says so)")
     pub = commands.add_parser("publish", help="upload an exported folder and record it in a manifest")
     pub.add_argument("folder")
     pub.add_argument("--repo-id", required=True)
@@ -233,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            result = export(args.run, args.out_dir, name=args.name)
+            result = export(args.run, args.out_dir, name=args.name,
+                            allow_unfinished=args.allow_unfinished)
             print(json.dumps({"folder": str(result.folder), "checkpoint": str(result.checkpoint),
                               "sha256": result.sha256, "name": result.name}, indent=1))
         else:
@@ -241,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                            endpoint=args.endpoint, private=args.private)
             print(json.dumps({"repo_id": done.repo_id, "revision": done.revision, "sha256": done.sha256,
                               "manifest": str(done.manifest)}, indent=1))
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, ManifestError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

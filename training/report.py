@@ -238,9 +238,29 @@ class ReportInputs:
     map_models: list[tuple[str, str]] = field(default_factory=list)  # (subject, model) r maps
     hear_scores: pd.DataFrame | None = None
     hear_status: dict[str, Any] | None = None
+    few_shot_dir: Path | None = None  # training.few_shot's output folder (few_shot.md + plots)
     timings: dict[str, float] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _few_shot_section(few_shot_dir: Path | None, figures: Path) -> list[str]:
+    """The few-shot curves' section: training.few_shot's own markdown, its plots copied beside
+    the report's figures (the difference plot first)."""
+    if few_shot_dir is None or not (Path(few_shot_dir) / "few_shot.md").is_file():
+        return []
+    few_shot_dir = Path(few_shot_dir)
+    lines = ["## Few-shot curves (HEAR tasks, linear probe on the same embeddings)", "",
+             "k training examples per class (per label for multilabel tasks), seeded draws shared by "
+             "every checkpoint; validation and test splits untouched; regularisation chosen on validation.",
+             "", (few_shot_dir / "few_shot.md").read_text().replace("### ", "#### ")]
+    plots = sorted(few_shot_dir.glob("few_shot_*.png"), key=lambda p: p.name != "few_shot_difference.png")
+    for plot in plots:
+        target = figures / plot.name
+        data = plot.read_bytes()
+        atomic_write(target, lambda tmp, d=data: Path(tmp).write_bytes(d))
+        lines += [f"![{plot.stem}](figures/{plot.name})"]
+    return lines + [""]
 
 
 def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
@@ -327,6 +347,8 @@ def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
             lines += [f"- checkpoint `{c['label']}`: {c['status']}: {c['error'].splitlines()[0] if c['error'] else ''}"]
         if failed or inputs.hear_status.get("task_problems"):
             lines += [""]
+
+    lines += _few_shot_section(inputs.few_shot_dir, figures)
 
     if inputs.timings:
         frame = pd.DataFrame([{"stage": k, "seconds": round(v, 1)} for k, v in inputs.timings.items()])

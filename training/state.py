@@ -11,15 +11,30 @@ the new one:
   divergence bookkeeping, the partial sums of an interrupted epoch and the curve history.
 - ``curves.csv`` / ``curves.png``: training and validation loss per epoch (rewritten from the
   history in ``last.safetensors``, so a resumed run never duplicates rows).
+- ``run.lock``: held (``flock``) by the one training that writes the directory; it names the
+  holder (pid, host, start time). The operating system releases it when that process ends in
+  any way, SIGKILL included, so a killed run leaves no stale lock: the file stays, unlocked.
+
+A run is *finished* when ``last.safetensors`` records a stop reason (``early_stopping`` or
+``max_epochs``, :func:`run_completion`); a killed or diverged run is not.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,8 +51,73 @@ CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "best", "epoch_seconds
                  "val_seconds")
 
 
+LOCK_FILENAME = "run.lock"
+
+
 class RunStateError(ValueError):
     """A run file is missing, corrupt, or belongs to another model or configuration."""
+
+
+class RunLockedError(RunStateError):
+    """Another process is writing the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[Path]:
+    """Hold the exclusive lock of ``run_dir`` (created if needed) while the block runs.
+
+    A second writer gets :class:`RunLockedError` naming the directory and the holder at once,
+    rather than waiting. ``flock`` locks belong to the open file, so the operating system
+    drops the lock when the holder exits, however it exits: there are no stale locks.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILENAME
+    with open(path, "a+", encoding="utf-8") as handle:  # "a+": keep the holder's note until locked
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise RunLockedError(
+                    f"{run_dir}: another training is writing this run directory "
+                    f"({_holder(handle.read())}); wait for it to end, or choose another run.name "
+                    "or run.out_dir") from None
+            except OSError as error:  # e.g. a network file system without locks
+                raise RunStateError(f"{path}: cannot lock the run directory ({error}); use a "
+                                    "run.out_dir on a local disk") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        handle.flush()
+        yield path  # closing the file on the way out releases the lock
+
+
+def _holder(note: str) -> str:
+    """The lock holder as a phrase, from the note it wrote into the lock file."""
+    try:
+        info = json.loads(note)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "holder not yet recorded"
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The configuration a run directory was started with (``config.json``), or an error
+    naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunStateError(f"{path}: missing, but the run directory holds a training state; "
+                            "restore the file or choose a new run.name") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise RunStateError(f"{path}: corrupt run configuration ({type(error).__name__}: {error}); "
+                            "restore it, or choose a new run.name") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()
+                                              if not isinstance(v, str)):
+        raise RunStateError(f"{path}: corrupt run configuration (expected an object of sections)")
+    return value
 
 
 def _save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], fmt: str) -> Path:
@@ -58,7 +138,27 @@ def _load(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except SafetensorError as error:
         raise RunStateError(f"{path}: corrupt or not a safetensors file ({error})") from None
-    return tensors, json.loads(header[fmt])
+    try:
+        metadata = json.loads(header[fmt])
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise RunStateError(f"{path}: corrupt {fmt} metadata ({error})") from None
+    if not isinstance(metadata, dict):
+        raise RunStateError(f"{path}: corrupt {fmt} metadata (not a JSON object)")
+    return tensors, metadata
+
+
+def run_completion(run_dir: Path) -> dict[str, Any]:
+    """Whether the run in ``run_dir`` finished, from its ``last.safetensors`` (header only):
+    ``{"finished": stop reason or None, "epochs": completed, "known": False if there is no
+    readable training state}``."""
+    path = Path(run_dir) / "last.safetensors"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            progress = json.loads((handle.metadata() or {})[STATE_FORMAT])["progress"]
+        return {"finished": progress.get("finished"), "epochs": int(progress.get("epoch", 0)),
+                "known": True}
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+        return {"finished": None, "epochs": None, "known": False}
 
 
 def _with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -76,7 +76,14 @@ halves = 6 runs of about 60 s, 10 parcels, 10x12x10 voxels of 12 mm; about 4 s t
 generate here), ``"default"`` (3 subjects, 3 seasons x 10 episodes x 2 halves = 60 runs of
 about 90 s (58-67 volumes), 24 parcels: 14 auditory, 4 weak, 6 noise, 16x20x16 voxels of
 8 mm; 30-40 s and 370 MB here, on 2 cores), ``"large"`` (4 subjects, 4 seasons x 12
-episodes, 90 s runs).  In every size the second subject misses one run of season 1.
+episodes, 90 s runs), and ``"subject"``: the shape of one real CNeuroMod subject (seasons 1-4
+of 23 episodes, 184 runs of about 11.75 min, about 87,000 TRs, 36 h of soundtrack, 1000
+parcels), written in the Algonauts HDF5 layout only (``write_fmriprep=False``: no NIfTI, no
+atlas image; parcels are named ``auditory-0001`` ...) with FLAC stimuli. That layout is
+generated soundtrack by soundtrack and run by run (:func:`_generate_streaming`): memory holds
+one soundtrack and one run's targets whatever the size, and the HDF5 targets equal the
+in-memory generator's for the same configuration.  In the first three sizes the second
+subject misses one run of season 1.
 The default is sized so that the study's effect can show: each subject has about 1,800
 training TRs (seasons 1-2 less a quarter for validation), and fine-tuning conv4..conv7
 (2.8 M parameters) beats the head-only baseline on it; with the 750 training TRs of an
@@ -193,6 +200,10 @@ class SyntheticConfig:
     missing_runs: tuple[tuple[str, str], ...] = (("sub-02", "s01e02a"),)
     auditory_snr: tuple[float, float] = (0.6, 1.8)
     weak_snr: tuple[float, float] = (0.1, 0.25)
+    # False: only the Algonauts HDF5 layout (no NIfTI, no atlas image), generated run by run in
+    # bounded memory: what the full-scale size needs (1000 parcels do not fit a toy volume).
+    write_fmriprep: bool = True
+    audio_format: str = "wav"  # stimuli as "wav" (PCM_16) or "flac" (lossless, half the disk)
 
     @property
     def n_parcels(self) -> int:
@@ -230,6 +241,13 @@ SIZES: dict[str, SyntheticConfig] = {
     ),
     "default": SyntheticConfig(),
     "large": SyntheticConfig(n_subjects=4, n_seasons=4, episodes_per_season=12, run_seconds=90.0),
+    # One real CNeuroMod subject's shape: seasons 1-4 of 23 episodes (two halves of about
+    # 11.75 min each: 184 runs, about 87,000 TRs of 1.49 s, 36 h of soundtrack) and 1000
+    # parcels (Algonauts' Schaefer-1000), in the HDF5 layout only, stimuli as FLAC.
+    "subject": SyntheticConfig(n_subjects=1, n_seasons=4, episodes_per_season=23, run_seconds=705.0,
+                               n_auditory=120, n_weak=80, n_noise=800, video_episodes=(),
+                               missing_runs=(), runs_per_session=4, write_fmriprep=False,
+                               audio_format="flac"),
 }
 
 
@@ -847,6 +865,7 @@ class SyntheticDataset:
                     else raw[f.name]
                 )
                 for f in fields(SyntheticConfig)
+                if f.name in raw  # fields added later keep their defaults for older datasets
             }
         )
         return cls(
@@ -959,6 +978,10 @@ def generate_friends_like(
             warnings.warn("ffmpeg not found: video episodes are written as wav", stacklevel=2)
     elif video and ffmpeg is None:
         raise RuntimeError("video=True needs the ffmpeg command")
+    if config.audio_format not in _AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {sorted(_AUDIO_FORMATS)}, got {config.audio_format!r}")
+    if not config.write_fmriprep:
+        return _generate_streaming(root, config, seed=seed, size=size, durations=durations, n_trs=n_trs)
 
     # --- stimuli and features (shared by all subjects)
     features_tr: dict[str, np.ndarray] = {}
@@ -978,7 +1001,7 @@ def generate_friends_like(
                 _write_video(wav, stimuli_dir / f"friends_{episode}.mkv", duration)
             video_written.append(episode)
         else:
-            sf.write(stimuli_dir / f"friends_{episode}.wav", audio, config.audio_rate, subtype="PCM_16")
+            _write_audio(stimuli_dir, episode, audio, config)
 
     # --- geometry and atlas
     affine, brain, _ = _volume_geometry(config)
@@ -1263,6 +1286,154 @@ def generate_friends_like(
         },
     }
     _write_json(root / "dataset_description.json", description)  # last: marks completion
+    return dataset
+
+
+# --------------------------------------------------------------------------- streaming (HDF5 only)
+
+_AUDIO_FORMATS = {"wav": "PCM_16", "flac": "PCM_16"}
+
+
+def _write_audio(stimuli_dir: Path, episode: str, audio: np.ndarray, config: SyntheticConfig) -> Path:
+    """``friends_<episode>.<audio_format>`` at ``config.audio_rate``, 16-bit."""
+    import soundfile as sf
+
+    path = stimuli_dir / f"friends_{episode}.{config.audio_format}"
+    sf.write(path, audio, config.audio_rate, subtype=_AUDIO_FORMATS[config.audio_format],
+             format=config.audio_format.upper())
+    return path
+
+
+def _plain_table(config: SyntheticConfig) -> list[dict[str, Any]]:
+    """The parcel table without an atlas image: index, name and kind, in the atlas's kind order."""
+    kinds = ["auditory"] * config.n_auditory + ["weak"] * config.n_weak + ["noise"] * config.n_noise
+    width = len(str(len(kinds)))
+    counts: dict[str, int] = {}
+    table = []
+    for i, kind in enumerate(kinds):
+        counts[kind] = counts.get(kind, 0) + 1
+        table.append({"index": i + 1, "name": f"{kind}-{counts[kind]:0{width}d}", "kind": kind})
+    return table
+
+
+def _stream_stimuli(root: Path, config: SyntheticConfig, seed: int, durations: dict[str, float],
+                    n_trs: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Synthesise and write each soundtrack in turn (one in memory at a time); return the
+    features at each TR and the segment lists (small)."""
+    stimuli_dir = root / "stimuli"
+    stimuli_dir.mkdir(parents=True, exist_ok=True)
+    features_tr, segments = {}, {}
+    for episode, duration in durations.items():
+        audio, frames, segments[episode] = _synthesise_episode(seed, episode, duration, config.audio_rate)
+        features_tr[episode] = _features_at_trs(frames, n_trs[episode], config.tr)
+        _write_audio(stimuli_dir, episode, audio, config)
+        del audio, frames
+    return features_tr, segments
+
+
+def _subject_noise_levels(config: SyntheticConfig, seed: int, subject: str, table: list[dict],
+                          runs: dict[str, tuple[np.ndarray, np.ndarray]], n_trs: dict[str, int]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised tuning weights, SNRs and noise SDs of a subject, from pooled statistics
+    accumulated run by run (each run's noise is drawn, summed and dropped): the same numbers,
+    in the same order of operations, as the in-memory generator."""
+    kinds = np.array([row["kind"] for row in table])
+    raw_weights = _tuning(config, seed, table, subject)
+    pooled, total = np.zeros(config.n_parcels), 0
+    for confounds, clean in runs.values():
+        signal = clean @ raw_weights.T
+        pooled += (signal**2).sum(axis=0)
+        total += signal.shape[0]
+    scale = np.where(pooled > 0, 1.0 / np.sqrt(np.maximum(pooled, 1e-300) / total), 0.0)
+    weights = raw_weights * scale[:, None]
+    srng = _rng(seed, "snr", subject)
+    snr = np.zeros(config.n_parcels)
+    snr[kinds == "auditory"] = srng.uniform(*config.auditory_snr, size=int((kinds == "auditory").sum()))
+    snr[kinds == "weak"] = srng.uniform(*config.weak_snr, size=int((kinds == "weak").sum()))
+    noise_power: Any = 0
+    signal_power: Any = 0
+    for episode, (confounds, clean) in runs.items():
+        noise = _ar1(_rng(seed, "noise", subject, episode), (n_trs[episode], config.n_parcels), _NOISE_PHI)
+        noise_power = noise_power + (_residualise(noise, confounds) ** 2).sum(axis=0)
+        signal_power = signal_power + ((clean @ weights.T) ** 2).sum(axis=0)
+    noise_sd = np.where(snr > 0, np.sqrt(signal_power / np.maximum(snr, 1e-12) / noise_power), 1.0)
+    noise_sd[kinds == "noise"] = 1.0
+    return weights, snr, noise_sd
+
+
+def _stream_subject(handle: Any, config: SyntheticConfig, seed: int, subject: str, episodes: list[str],
+                    table: list[dict], features_tr: dict[str, np.ndarray], n_trs: dict[str, int]
+                    ) -> dict[str, Any]:
+    """Write one subject's runs (``episodes``) into the open HDF5 ``handle``, one run in memory
+    at a time; return its ground truth."""
+    # sessions number every episode of the design, missing runs included, as in the in-memory path
+    sessions = {e: f"{i // config.runs_per_session + 1:03d}" for i, e in enumerate(config.episodes())
+                if e in episodes}
+    runs = {}
+    for episode in episodes:
+        confounds = _default_confound_matrix(_confounds(seed, subject, episode, features_tr[episode], config.tr))
+        runs[episode] = (confounds, _residualise(features_tr[episode], confounds))  # (n, ~30), (n, 10)
+    weights, snr, noise_sd = _subject_noise_levels(config, seed, subject, table, runs, n_trs)
+    ceiling_by_run: dict[str, list[float]] = {}
+    for episode, (confounds, clean) in runs.items():
+        noise = _ar1(_rng(seed, "noise", subject, episode), (n_trs[episode], config.n_parcels), _NOISE_PHI)
+        parcel = features_tr[episode] @ weights.T + noise * noise_sd
+        target = _zscore(_residualise(parcel, confounds))
+        handle.create_dataset(f"ses-{sessions[episode]}_task-{episode}", data=target.astype(np.float32))
+        ceiling_by_run[episode] = [round(float(v), 6) for v in _corr_columns(clean @ weights.T, target)]
+    per_run = np.array(list(ceiling_by_run.values()))
+    return {
+        "episodes": episodes, "missing_episodes": [], "sessions": sessions,
+        "tuning": [[round(float(w), 6) for w in row] for row in weights],
+        "snr": [round(float(v), 6) for v in snr], "noise_sd": [round(float(v), 6) for v in noise_sd],
+        "noise_ceiling_r": [round(float(v), 6) for v in per_run.mean(axis=0)],
+        "noise_ceiling_r2": [round(float(v), 6) for v in (per_run**2).mean(axis=0)],
+        "noise_ceiling_r_by_run": ceiling_by_run,
+    }
+
+
+def _generate_streaming(root: Path, config: SyntheticConfig, *, seed: int, size: str,
+                        durations: dict[str, float], n_trs: dict[str, int]) -> SyntheticDataset:
+    """The dataset in the Algonauts HDF5 layout only, soundtrack by soundtrack and run by run:
+    memory holds one soundtrack, one run's targets and per-TR features, whatever the size.
+
+    The HDF5 targets are those of the in-memory generator for the same configuration (same
+    random streams, same operations); parcels have no atlas image, hence no voxels."""
+    import h5py
+
+    subjects, episodes = config.subjects(), config.episodes()
+    missing = {s: [e for (subj, e) in config.missing_runs if subj == s] for s in subjects}
+    features_tr, segments = _stream_stimuli(root, config, seed, durations, n_trs)
+    table = _plain_table(config)
+    subjects_truth, runs_by_subject = {}, {}
+    for subject in subjects:
+        runs_by_subject[subject] = [e for e in episodes if e not in missing[subject]]
+        h5_file = root / _h5_relpath(subject, config)
+        h5_file.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(h5_file, "w") as handle:
+            subjects_truth[subject] = _stream_subject(handle, config, seed, subject, runs_by_subject[subject],
+                                                      table, features_tr, n_trs)
+        subjects_truth[subject]["missing_episodes"] = missing[subject]
+    np.savez(root / "ground_truth_features.npz",
+             **{f"features_{e}": features_tr[e].astype(np.float32) for e in episodes},
+             feature_names=np.array(FEATURES))
+    _write_json(root / "ground_truth.json", {
+        "seed": seed, "size": size, "tr": config.tr, "audio_sample_rate": config.audio_rate,
+        "time_convention": "volume i is the HRF-convolved drive sampled at t = (i + 0.5) * TR seconds",
+        "features": [{"name": n, "definition": FEATURE_DEFINITIONS[n]} for n in FEATURES],
+        "layouts": ["algonauts"], "parcels": table, "extra_trs_after_audio": _EXTRA_TRS,
+        "n_trs": n_trs, "segments": segments, "subjects": subjects_truth,
+    })
+    dataset = SyntheticDataset(root=root, seed=seed, size=size, config=config, subjects=tuple(subjects),
+                               episodes=tuple(episodes), runs={s: tuple(e) for s, e in runs_by_subject.items()},
+                               tr=config.tr, target_names=tuple(row["name"] for row in table), video_episodes=())
+    _write_json(root / "dataset_description.json", {  # last: marks completion
+        "Name": "Synthetic Friends-like naturalistic fMRI dataset (Algonauts HDF5 layout only)",
+        "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
+        "SyntheticFriends": {"seed": seed, "size": size, "config": asdict(config), "subjects": subjects,
+                             "episodes": episodes, "runs": runs_by_subject, "tr": config.tr,
+                             "target_names": list(dataset.target_names), "video_episodes": []},
+    })
     return dataset
 
 

@@ -8,7 +8,8 @@ or from Python: ``train(load_config(path)) -> TrainResult``.
 What one run does, top to bottom (:func:`train_once`):
 
 1. **Setup**: distributed process group when launched by torchrun (NCCL on GPUs, gloo on
-   CPUs), device, threads, seed, run directory (``run.out_dir/run.name``) with the config.
+   CPUs), device, threads, seed, run directory (``run.out_dir/run.name``) with the config,
+   locked for this run (``run.lock``; a second training on the same directory is refused).
 2. **Data**: the split's training and validation episodes (:mod:`training.batches`).
 3. **Model**: SoundNet-8 (pretrained, random for the null, or a given checkpoint) + one head
    per subject, in the configured condition (:mod:`training.model`); the frozen layers'
@@ -67,8 +68,8 @@ from .batches import (DataSplits, EpisodeSet, batch_errors, batches_of, fit_head
                       load_splits, prepare_data, recalibrate_batchnorm, shard)
 from .config import ConfigError, ExperimentConfig, load_config
 from .model import EncodingModel
-from .state import (RunStateError, is_model_file, load_training_state, read_model_file, save_model,
-                    save_training_state, write_curves)
+from .state import (RunStateError, is_model_file, load_training_state, read_model_file,
+                    read_run_config, run_lock, save_model, save_training_state, write_curves)
 
 log = logging.getLogger("training")
 KILL_AFTER_STEPS_ENV = "HEAR_BRAINSOUNDNET_KILL_AFTER_STEPS"  # test hook: SIGKILL after N steps
@@ -270,7 +271,15 @@ def train(config: ExperimentConfig, data: DataSplits | None = None) -> TrainResu
 
 
 def train_once(config: ExperimentConfig, data: DataSplits | None = None) -> TrainResult:
-    """One run: individual or group model (see the module docstring)."""
+    """One run: individual or group model (see the module docstring), holding the run
+    directory's lock (:func:`training.state.run_lock`): a second writer is refused."""
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes the run directory
+        return _train_once(config, data)
+    with run_lock(config.run_dir):
+        return _train_once(config, data)
+
+
+def _train_once(config: ExperimentConfig, data: DataSplits | None = None) -> TrainResult:
     # ---- 1. setup --------------------------------------------------------------------------
     ctx = setup_distributed(config.run.device)
     if config.run.threads:
@@ -286,6 +295,8 @@ def train_once(config: ExperimentConfig, data: DataSplits | None = None) -> Trai
     if last_path.is_file() and not cfg_train.resume:
         raise RunStateError(f"{last_path}: the run directory already holds a run; set "
                             "train.resume = true to continue it or choose a new run.name")
+    if last_path.is_file():  # resuming: only with the run's own config, checked before any work
+        _check_same_config(read_run_config(run_dir / "config.json"), config, run_dir / "config.json")
     progress_bars = config.run.progress and ctx.main
     torch.manual_seed(seed)
 
@@ -332,8 +343,6 @@ def train_once(config: ExperimentConfig, data: DataSplits | None = None) -> Trai
                                 "best_epoch": -1, "bad_epochs": 0, "first_loss": None,
                                 "partial": [0.0, 0.0], "seconds": 0.0, "finished": None}
     if last_path.is_file():
-        saved_config = json.loads((run_dir / "config.json").read_text())
-        _check_same_config(saved_config, config, run_dir / "config.json")
         progress = load_training_state(last_path, model, optimizer)
         scheduler.load_state_dict(progress.pop("scheduler"))
         log.info("resumed %s at epoch %d step %d", run_dir, progress["epoch"], progress["step"])

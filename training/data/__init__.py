@@ -5,15 +5,16 @@ Readers of brain data (:mod:`~training.data.fmri`), the stimulus cache
 training windows (:mod:`~training.data.windows`).  A typical pipeline::
 
     brain = read_fmriprep(deriv_dir, "sub-01", atlas=atlas, cache_dir=cache / "fmri")
-    # or: brain = read_algonauts_h5(h5_file)
+    # or: brain = read_algonauts_h5(find_algonauts_h5(fmri_dir, "sub-01"))
     stimuli = StimulusCache(stimuli_dir, cache / "audio")
-    split = split_by_season(stimuli.episodes(), seed=0)
-    parts = split_runs(pair_runs(brain, stimuli), split)
+    split = split_by_season(set(brain.episodes) & set(stimuli.episodes()), seed=0)
+    parts = split_runs(pair_runs(brain, stimuli, episodes=split.train + split.validation), split)
     train = WindowDataset(parts.train, window_trs=70, history_samples=history)
 
 Every data problem raises :class:`DataError`, naming the file at fault.
 """
 
+from training.data._io import is_unfetched, require_file
 from training.data.errors import DataError
 from training.data.fmri import (
     DEFAULT_CONFOUNDS,
@@ -21,6 +22,8 @@ from training.data.fmri import (
     DEFAULT_TR,
     BrainRuns,
     FmriprepRun,
+    bids_entities,
+    find_algonauts_h5,
     find_fmriprep_runs,
     read_algonauts_h5,
     read_fmriprep,
@@ -37,8 +40,9 @@ from training.data.pairing import (
     split_by_season,
     split_from_lists,
     split_runs,
+    whole_episode,
 )
-from training.data.stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli
+from training.data.stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli, scan_stimuli
 from training.data.windows import WindowDataset, make_example, tr_boundaries, window_samples, window_starts
 
 __all__ = [
@@ -54,21 +58,27 @@ __all__ = [
     "SplitRuns",
     "StimulusCache",
     "WindowDataset",
+    "bids_entities",
     "decode_audio",
+    "find_algonauts_h5",
     "find_fmriprep_runs",
     "find_stimuli",
+    "is_unfetched",
     "make_example",
     "pair_runs",
     "parse_episode",
     "read_algonauts_h5",
     "read_fmriprep",
     "read_npz_cache",
+    "require_file",
+    "scan_stimuli",
     "season_of",
     "split_by_season",
     "split_from_lists",
     "split_runs",
     "tr_boundaries",
     "window_samples",
+    "whole_episode",
     "window_starts",
     "write_npz_cache",
 ]

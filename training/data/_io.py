@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hear_brainsoundnet.checkpoints import atomic_write
+from training.data.errors import DataError
 
 __all__ = [
     "atomic_save_npy",
@@ -23,6 +25,8 @@ __all__ = [
     "atomic_write_text",
     "file_identity",
     "hash_key",
+    "is_unfetched",
+    "require_file",
 ]
 
 
@@ -65,3 +69,32 @@ def hash_key(obj: Any) -> str:
     """SHA-256 hex digest of a JSON-serialisable description (keys sorted)."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_unfetched(path: str | Path) -> bool:
+    """True for a broken symbolic link: a git-annex (datalad) file whose content is not fetched.
+
+    datalad clones hold every file as a link into ``.git/annex/objects/``; until
+    ``datalad get`` fetches the content the link points at nothing.
+    """
+    path = Path(path)
+    return path.is_symlink() and not path.exists()
+
+
+def require_file(path: str | Path, what: str, why: str = "") -> Path:
+    """``path`` if it is a readable file, else a :class:`DataError` saying what is wrong.
+
+    ``what`` names the file's role ("HDF5 file", "brain mask"), ``why`` is appended to the
+    message (" (needed for ...)").  A broken git-annex link gets the command that fixes it
+    (``datalad get <path>``) rather than a bare "not found": on a datalad clone the file is
+    listed but has no content until fetched.
+    """
+    path = Path(path)
+    if is_unfetched(path):
+        target = os.readlink(path)
+        if "annex/objects" in target.replace(os.sep, "/"):
+            raise DataError(f"{path}: {what}{why} not fetched (a git-annex link with no content): datalad get {path}")
+        raise DataError(f"{path}: {what}{why} is a broken symbolic link (to {target})")
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{why}")
+    return path

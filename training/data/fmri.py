@@ -10,8 +10,14 @@ names (parcels or voxels) and one array per run keyed by episode id (``"s01e02a"
   :class:`~nilearn.maskers.NiftiMasker` with a mask (voxels), confounds from
   :func:`nilearn.interfaces.fmriprep.load_confounds` (:data:`DEFAULT_CONFOUNDS`, the study's
   strategy), z-scored per run, no detrending.  Extraction is cached per run.
-- :func:`read_algonauts_h5` reads the Algonauts 2025 release: one HDF5 file per subject,
-  one dataset per run named ``ses-XXX_task-<episode>``.
+- :func:`find_algonauts_h5` picks a subject's Friends file in the Algonauts 2025 release by
+  its BIDS entities (``task-friends``), and :func:`read_algonauts_h5` reads it: one dataset
+  per run named ``ses-XXX_task-<episode>``.
+
+Files of a datalad clone that were not fetched are broken git-annex links; reading one raises
+a DataError that says so and gives the ``datalad get`` command.  An episode acquired twice
+(two sessions) keeps its first session, in session order, and one INFO log line lists the
+repeats that were ignored.
 - :func:`write_npz_cache` / :func:`read_npz_cache` store and read a plain per-run array
   cache (one ``.npy`` per run plus a JSON sidecar), as the study did.
 
@@ -33,7 +39,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.data._io import atomic_save_npy, atomic_save_npz, atomic_write_text, file_identity, hash_key
+from training.data._io import (
+    atomic_save_npy,
+    atomic_save_npz,
+    atomic_write_text,
+    file_identity,
+    hash_key,
+    require_file,
+)
 from training.data.errors import DataError
 
 __all__ = [
@@ -42,6 +55,8 @@ __all__ = [
     "DEFAULT_TR",
     "BrainRuns",
     "FmriprepRun",
+    "bids_entities",
+    "find_algonauts_h5",
     "find_fmriprep_runs",
     "read_algonauts_h5",
     "read_fmriprep",
@@ -255,25 +270,34 @@ def find_fmriprep_runs(deriv_dir: str | Path, subject: str, *, space: str = DEFA
         found.setdefault(run.episode, []).append(run)
     if not found:
         raise DataError(f"{subject_dir}: no '*_space-{space}_desc-preproc_bold.nii[.gz]' file found")
-    runs = {}
-    for episode in sorted(found, key=_natural_key):
-        candidates = found[episode]
-        runs[episode] = candidates[0]
-        if len(candidates) > 1:
-            warnings.warn(
-                f"{subject}: episode {episode} was acquired {len(candidates)} times; using "
-                f"{candidates[0].bold.name}, ignoring " + ", ".join(c.bold.name for c in candidates[1:]),
-                stacklevel=2,
-            )
+    runs = {episode: found[episode][0] for episode in sorted(found, key=_natural_key)}
+    _log_repeats(
+        subject,
+        {e: [c.session or c.bold.name for c in found[e]] for e in runs if len(found[e]) > 1},
+    )
     return runs
+
+
+def _log_repeats(subject: str, repeats: Mapping[str, Sequence[str]]) -> None:
+    """One INFO line for the episodes acquired more than once: the first session is used.
+
+    The Friends data hold a few repeated viewings; the first is the one recorded in the
+    order the study followed, and the later ones are a different (second) exposure.
+    """
+    if repeats:
+        logger.info(
+            "%s: %d episode(s) appear in several sessions; using the first session of each: %s",
+            subject,
+            len(repeats),
+            "; ".join(f"{e} (using {s[0]}, ignoring {', '.join(s[1:])})" for e, s in repeats.items()),
+        )
 
 
 def _load_header_image(path: Path, what: str):
     """nibabel image with its header read (data not loaded); DataError if unreadable."""
     import nibabel as nib
 
-    if not path.exists():
-        raise DataError(f"{path}: {what} file not found")
+    require_file(path, f"{what} file")
     try:
         return nib.load(path)
     except Exception as exc:  # nibabel raises several unrelated types for bad headers
@@ -358,6 +382,10 @@ def _check_same_grid(reference, ref_path: Path, other_path: Path, what: str, oth
         )
 
 
+class _TooShortForConfounds(DataError):
+    """A run with no more volumes than confound regressors: skipped (with a warning), not fatal."""
+
+
 def _load_run_confounds(run: FmriprepRun, confounds: Mapping[str, Any], n_volumes: int) -> np.ndarray | None:
     """Confound matrix of a run, with volumes to censor turned into spike regressors.
 
@@ -368,8 +396,7 @@ def _load_run_confounds(run: FmriprepRun, confounds: Mapping[str, Any], n_volume
     """
     from nilearn.interfaces.fmriprep import load_confounds
 
-    if not run.confounds.exists():
-        raise DataError(f"{run.confounds}: confounds file not found (needed for {run.bold.name})")
+    require_file(run.confounds, "confounds file", f" (needed for {run.bold.name})")
     try:
         frame, sample_mask = load_confounds(str(run.bold), **dict(confounds))
     except ValueError as exc:
@@ -386,7 +413,44 @@ def _load_run_confounds(run: FmriprepRun, confounds: Mapping[str, Any], n_volume
         spikes[dropped, np.arange(dropped.size)] = 1.0
         matrix = np.hstack([matrix, spikes])
         logger.info("%s: %d volume(s) censored with spike regressors", run.bold.name, dropped.size)
+    if matrix.shape[1] >= n_volumes - 1:  # no degree of freedom left: the targets would be 0
+        raise _TooShortForConfounds(
+            f"{run.bold.name}: {n_volumes} volumes, {matrix.shape[1]} confound regressors "
+            f"({dict(confounds)}): regressing them out would leave no signal"
+        )
     return matrix if matrix.shape[1] else None
+
+
+def _grid_text(shape: Sequence[int], affine: np.ndarray) -> str:
+    """``"53x64x52, 3 mm voxels"``."""
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    size = f"{zooms[0]:g} mm" if np.allclose(zooms, zooms[0], atol=1e-3) else "x".join(f"{z:g}" for z in zooms) + " mm"
+    return f"{'x'.join(str(int(n)) for n in shape[:3])}, {size} voxels"
+
+
+def _resample_to_bold(target_path: Path, what: str, target_img, target_data: np.ndarray, bold_img):
+    """Atlas or mask resampled to the BOLD grid by nilearn, nearest neighbour; one log line."""
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    # A header-only stand-in for the BOLD grid: resampling needs shape and affine only.
+    grid = nib.Nifti1Image(np.zeros(bold_img.shape[:3], dtype=np.int8), bold_img.affine)
+    resampled = resample_to_img(
+        nib.Nifti1Image(target_data, target_img.affine),
+        grid,
+        interpolation="nearest",
+        force_resample=True,
+        copy_header=True,
+    )
+    logger.info(
+        "%s: %s on another grid (%s) than the BOLD images (%s): resampled to the BOLD grid by "
+        "nearest neighbour (data.resample_atlas = false makes this an error)",
+        target_path,
+        what,
+        _grid_text(target_data.shape, target_img.affine),
+        _grid_text(bold_img.shape, bold_img.affine),
+    )
+    return resampled, np.asanyarray(resampled.dataobj)
 
 
 def _count_nonfinite(data: np.ndarray, region: np.ndarray | None) -> int:
@@ -455,7 +519,7 @@ def read_fmriprep(
     confounds: Mapping[str, Any] | Literal[False] = DEFAULT_CONFOUNDS,
     standardize: Literal["zscore_sample", "psc"] | Literal[False] = "zscore_sample",
     smoothing_fwhm: float | None = None,
-    resample_atlas: bool = False,
+    resample_atlas: bool = True,
     space: str = DEFAULT_SPACE,
     episodes: Iterable[str] | None = None,
     tr: float | None = None,
@@ -467,7 +531,11 @@ def read_fmriprep(
     (mean signal of each atlas region) when ``atlas`` is given,
     :class:`~nilearn.maskers.NiftiMasker` (one column per voxel) when ``mask`` is given.
     Confounds are regressed out and each run is standardised on its own, without
-    detrending, as in the study.
+    detrending, as in the study.  Every run's files (BOLD, brain mask, confounds), grid
+    and TR are checked before the first extraction, so a missing or unfetched file fails
+    in seconds; a run with no more volumes than confound regressors is skipped with a
+    warning (it would leave no signal).  Only the runs of ``space`` (and of ``episodes``)
+    are opened: other files, e.g. space-T1w ones, may be unfetched annex links.
 
     Parameters
     ----------
@@ -493,9 +561,12 @@ def read_fmriprep(
         Per-run standardisation (nilearn's ``standardize``).
     smoothing_fwhm : :obj:`float`, optional
         Spatial smoothing in mm before extraction (the study's first round used 8).
-    resample_atlas : :obj:`bool`, default=False
-        If False, an atlas or mask whose shape or affine differs from the BOLD images is
-        an error.  If True, nilearn resamples it to the BOLD grid (nearest neighbour).
+    resample_atlas : :obj:`bool`, default=True
+        An atlas or mask on another grid than the BOLD images (the study's MIST atlas is
+        3 mm, the BOLD 2 mm) is resampled to the BOLD grid by nilearn's
+        :func:`~nilearn.image.resample_to_img` with nearest-neighbour interpolation (labels
+        stay labels, as nilearn's maskers do), and one INFO log line says so.  If False,
+        another grid is an error.
     space : :obj:`str`, default=:data:`DEFAULT_SPACE`
         Template space of the runs to read.
     episodes : iterable of :obj:`str`, optional
@@ -530,47 +601,16 @@ def read_fmriprep(
         wanted = set(episodes)
         runs = {episode: run for episode, run in runs.items() if episode in wanted}
         if not runs:
-            raise DataError(f"{Path(deriv_dir) / subject}: none of the requested episodes was found")
+            raise DataError(
+                f"{Path(deriv_dir) / subject}: none of the {len(wanted)} requested episodes "
+                f"({', '.join(sorted(wanted, key=_natural_key)[:4])}...) has a run in space {space}"
+            )
 
     target_path = Path(atlas if atlas is not None else mask)
     target_what = "atlas" if atlas is not None else "mask"
-    target_img = _load_header_image(target_path, target_what)
-    target_data = _image_data(target_path, target_what)
-    if target_data.ndim == 4 and target_data.shape[3] == 1:
-        import nibabel as nib
-
-        target_data = target_data[..., 0]
-        target_img = nib.Nifti1Image(target_data, target_img.affine)
-    if target_data.ndim != 3:
-        raise DataError(f"{target_path}: the {target_what} must be a 3-D image, got shape {target_data.shape}")
     first_bold = _load_header_image(next(iter(runs.values())).bold, "BOLD image")
-    if resample_atlas and (
-        tuple(target_data.shape) != tuple(first_bold.shape[:3])
-        or not np.allclose(target_img.affine, first_bold.affine, atol=1e-3)
-    ):
-        import nibabel as nib
-        from nilearn.image import resample_to_img
-
-        # A header-only stand-in for the BOLD grid: resampling needs shape and affine only.
-        grid = nib.Nifti1Image(np.zeros(first_bold.shape[:3], dtype=np.int8), first_bold.affine)
-        target_img = resample_to_img(
-            nib.Nifti1Image(target_data, target_img.affine),
-            grid,
-            interpolation="nearest",
-            force_resample=True,
-            copy_header=True,
-        )
-        target_data = np.asanyarray(target_img.dataobj)
-    if atlas is not None:
-        values = np.unique(target_data[target_data != 0])
-        if values.size == 0:
-            raise DataError(f"{target_path}: the atlas has no non-zero label")
-        target_names = _atlas_target_names(target_path, atlas_labels, values)
-    elif not (target_data != 0).any():
-        raise DataError(f"{target_path}: the mask is empty")
-    else:
-        target_names = [f"voxel-{i}-{j}-{k}" for i, j, k in np.argwhere(target_data != 0)]
-    target_voxels = target_data != 0
+    target_img, target_names = _load_targets(target_path, target_what, atlas_labels, first_bold, resample_atlas)
+    target_voxels = np.asanyarray(target_img.dataobj) != 0
 
     common = {
         "smoothing_fwhm": smoothing_fwhm,
@@ -595,53 +635,33 @@ def read_fmriprep(
         "resample_atlas": resample_atlas,
     }
 
-    tr_by_file: dict[Path, float] = {}
-    arrays: dict[str, np.ndarray] = {}
-    masker_fitted = False
-    for episode, run in runs.items():
-        bold_img = _load_header_image(run.bold, "BOLD image")
-        if not run.mask.exists():
-            raise DataError(f"{run.mask}: brain mask not found (needed for {run.bold.name})")
-        _check_same_grid(bold_img, run.bold, run.mask, "brain mask")
-        _check_same_grid(bold_img, run.bold, target_path, target_what, other=target_img)
-        outside = target_voxels & (_image_data(run.mask, "brain mask") == 0)
-        if outside.sum() > 0.1 * target_voxels.sum():
-            warnings.warn(
-                f"{run.bold.name}: {int(outside.sum())} of {int(target_voxels.sum())} "
-                f"{target_what} voxels lie outside the run's brain mask {run.mask.name}",
-                stacklevel=2,
-            )
-        run_tr = _run_tr(run, bold_img)
-        tr_by_file[run.bold] = run_tr
-        reference = tr if tr is not None else next(iter(tr_by_file.values()))
+    # Every run's files, grids and TR are checked before the first (slow) extraction.
+    run_trs = {
+        episode: _check_run(run, target_path, target_what, target_img, target_voxels, confounds is not False)
+        for episode, run in runs.items()
+    }
+    reference = tr if tr is not None else next(iter(run_trs.values()))
+    for episode, run_tr in run_trs.items():
         if abs(run_tr - reference) > _TR_TOLERANCE:
-            first = next(iter(tr_by_file))
-            origin = "the expected tr" if tr is not None else f"{first.name}"
-            raise DataError(f"{run.bold}: TR = {run_tr:g} s, inconsistent with {origin} ({reference:g} s)")
-
-        cache_file = None
-        if cache_dir is not None:
-            key = hash_key(
-                {
-                    **params,
-                    "bold": file_identity(run.bold),
-                    "mask": file_identity(run.mask),
-                    "confounds_file": file_identity(run.confounds) if run.confounds.exists() else None,
-                    "sidecar": file_identity(run.sidecar) if run.sidecar.exists() else None,
-                }
-            )
-            cache_file = Path(cache_dir) / subject / f"{subject}_task-{episode}_{key[:20]}.npz"
-            if cache_file.exists():
-                with np.load(cache_file, allow_pickle=False) as cached:
-                    if list(cached["target_names"]) == target_names:
-                        arrays[episode] = cached["data"]
-                        continue
-        if not masker_fitted:
-            masker.set_params(t_r=run_tr)
+            origin = "the expected tr" if tr is not None else next(iter(runs.values())).bold.name
+            raise DataError(f"{runs[episode].bold}: TR = {run_tr:g} s, inconsistent with {origin} ({reference:g} s)")
+    masker.set_params(t_r=reference)
+    arrays: dict[str, np.ndarray] = {}
+    too_short: list[str] = []
+    for episode, run in runs.items():
+        cache_file = None if cache_dir is None else _cache_file(Path(cache_dir), subject, run, params)
+        if cache_file is not None and cache_file.exists():
+            with np.load(cache_file, allow_pickle=False) as cached:
+                if list(cached["target_names"]) == target_names:
+                    arrays[episode] = cached["data"]
+                    continue
+        if not hasattr(masker, "n_elements_"):  # fitted once, on the first run extracted
             masker.fit()
-            masker_fitted = True
-        region = None if smoothing_fwhm else target_voxels
-        data = _extract_run(run, masker, confounds, region)
+        try:
+            data = _extract_run(run, masker, confounds, None if smoothing_fwhm else target_voxels)
+        except _TooShortForConfounds as exc:
+            too_short.append(str(exc))
+            continue
         if data.shape[1] != len(target_names):
             raise DataError(
                 f"{run.bold}: extraction gave {data.shape[1]} targets, expected "
@@ -651,18 +671,130 @@ def read_fmriprep(
         if cache_file is not None:
             atomic_save_npz(cache_file, data=data, target_names=np.array(target_names))
 
-    final_tr = tr if tr is not None else next(iter(tr_by_file.values()))
+    if too_short:  # a cut-short run must not abort a subject's hours of data
+        warnings.warn(f"{subject}: {len(too_short)} run(s) too short for the confounds are skipped: "
+                      + "; ".join(too_short), stacklevel=2)
+    if not arrays:
+        raise DataError(f"{Path(deriv_dir) / subject}: every run is too short for the confounds: {too_short[0]}")
     return BrainRuns(
         subject=subject,
-        tr=final_tr,
+        tr=reference,
         target_names=target_names,
         runs=arrays,
         source=f"fmriprep:{Path(deriv_dir).resolve()} {target_what}:{target_path.resolve()}",
-        sessions={episode: run.session for episode, run in runs.items()},
+        sessions={episode: runs[episode].session for episode in arrays},
     )
 
 
+def _load_targets(path: Path, what: str, atlas_labels, bold_img, resample: bool) -> tuple[Any, list[str]]:
+    """The atlas or mask image on the BOLD grid (resampled if allowed) and the target names."""
+    import nibabel as nib
+
+    img = _load_header_image(path, what)
+    data = _image_data(path, what)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        img = nib.Nifti1Image(data, img.affine)
+    if data.ndim != 3:
+        raise DataError(f"{path}: the {what} must be a 3-D image, got shape {data.shape}")
+    if resample and (
+        tuple(data.shape) != tuple(bold_img.shape[:3]) or not np.allclose(img.affine, bold_img.affine, atol=1e-3)
+    ):
+        img, data = _resample_to_bold(path, what, img, data, bold_img)
+    if what == "atlas":
+        values = np.unique(data[data != 0])
+        if values.size == 0:
+            raise DataError(f"{path}: the atlas has no non-zero label")
+        return img, _atlas_target_names(path, atlas_labels, values)
+    if not (data != 0).any():
+        raise DataError(f"{path}: the mask is empty")
+    return img, [f"voxel-{i}-{j}-{k}" for i, j, k in np.argwhere(data != 0)]
+
+
+def _check_run(
+    run: FmriprepRun, target_path: Path, what: str, target_img, target_voxels: np.ndarray, with_confounds: bool
+) -> float:
+    """Check a run's files and grids before any extraction; return its TR."""
+    bold_img = _load_header_image(run.bold, "BOLD image")
+    require_file(run.mask, "brain mask", f" (needed for {run.bold.name})")
+    _check_same_grid(bold_img, run.bold, run.mask, "brain mask")
+    _check_same_grid(bold_img, run.bold, target_path, what, other=target_img)
+    outside = target_voxels & (_image_data(run.mask, "brain mask") == 0)
+    if outside.sum() > 0.1 * target_voxels.sum():
+        warnings.warn(
+            f"{run.bold.name}: {int(outside.sum())} of {int(target_voxels.sum())} "
+            f"{what} voxels lie outside the run's brain mask {run.mask.name}",
+            stacklevel=3,
+        )
+    if with_confounds:
+        require_file(run.confounds, "confounds file", f" (needed for {run.bold.name})")
+    return _run_tr(run, bold_img)
+
+
+def _cache_file(cache_dir: Path, subject: str, run: FmriprepRun, params: Mapping[str, Any]) -> Path:
+    """Where one run's extraction is cached: keyed by every input file and parameter."""
+    key = hash_key(
+        {
+            **params,
+            "bold": file_identity(run.bold),
+            "mask": file_identity(run.mask),
+            "confounds_file": file_identity(run.confounds) if run.confounds.exists() else None,
+            "sidecar": file_identity(run.sidecar) if run.sidecar.exists() else None,
+        }
+    )
+    return cache_dir / subject / f"{subject}_task-{run.episode}_{key[:20]}.npz"
+
+
 # --------------------------------------------------------------------------- Algonauts
+
+
+_BIDS_ENTITY = re.compile(r"^(?P<key>[a-zA-Z0-9]+)-(?P<value>[a-zA-Z0-9]+)$")
+
+
+def bids_entities(name: str) -> dict[str, str]:
+    """BIDS entities of a file name: ``"sub-01_task-friends_desc-s1_bold.h5"`` ->
+    ``{"sub": "01", "task": "friends", "desc": "s1"}`` (the suffix, ``bold``, is not one)."""
+    stem = Path(name).name.split(".", 1)[0]
+    return {m["key"]: m["value"] for part in stem.split("_") if (m := _BIDS_ENTITY.match(part))}
+
+
+def find_algonauts_h5(root: str | Path, subject: str, *, task: str = "friends") -> Path:
+    """A subject's HDF5 file for ``task`` under ``root`` (the release's ``fmri/`` folder).
+
+    The Algonauts 2025 release holds, in ``fmri/sub-01/func/``, the Friends file
+    (``..._task-friends_..._bold.h5``) beside Movie10 files (``task-movie10``, one of them
+    ``desc-cropped``).  Files whose ``task`` entity is another task are ignored; among the
+    rest, files naming ``task`` win over files with no task entity.  The chosen file may be
+    a git-annex link that was not fetched: :func:`read_algonauts_h5` says so.
+
+    Raises
+    ------
+    DataError
+        No file for this subject and task (the message lists the other tasks' files found),
+        or several (set ``data.brain_file`` to choose one).
+    """
+    root = Path(root)
+    subject = _normalize_subject(subject)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (data.root: the release's fmri/ folder)")
+    # glob lists unfetched annex links too (they are names; is_file() would drop them).
+    found = sorted({p for pattern in (f"{subject}/**/*.h5", f"**/{subject}_*.h5") for p in root.glob(pattern)})
+    found = [p for p in found if bids_entities(p.name).get("sub", subject[4:]) == subject[4:]]
+    tasks = {p: bids_entities(p.name).get("task") for p in found}
+    named = [p for p in found if tasks[p] == task]
+    chosen = named or [p for p in found if tasks[p] is None]
+    if len(chosen) == 1:
+        return chosen[0]
+    if not chosen:
+        others = ", ".join(str(p.relative_to(root)) for p in found) or "none"
+        raise DataError(
+            f"{root}: no HDF5 file for {subject} and task-{task} (looked for {subject}/**/*.h5 and "
+            f"**/{subject}_*.h5; found: {others})"
+        )
+    raise DataError(
+        f"{root}: several HDF5 files for {subject} and task-{task}: "
+        f"{', '.join(str(p.relative_to(root)) for p in chosen)}; set data.brain_file to the one to use"
+    )
 
 
 def read_algonauts_h5(
@@ -677,8 +809,8 @@ def read_algonauts_h5(
 
     The file holds one dataset per run, named ``ses-XXX_task-<episode>`` (optionally with
     ``_run-N``), shaped ``(n_TR, n_parcels)``.  The episode id is the part after
-    ``task-``.  An episode present twice (repeated viewing) keeps its first session and a
-    warning names the others.
+    ``task-``.  An episode present twice (repeated viewing) keeps its first session (the
+    datasets sorted by name, i.e. by session) and one INFO log line names the others.
 
     Parameters
     ----------
@@ -700,8 +832,9 @@ def read_algonauts_h5(
     Raises
     ------
     DataError
-        The file is missing, truncated or not HDF5; a dataset name does not follow the
-        convention; runs with different numbers of parcels; non-finite values.
+        The file is missing (or an unfetched git-annex link), truncated or not HDF5; a
+        dataset name does not follow the convention; runs with different numbers of
+        parcels; non-finite values.
     """
     import h5py
 
@@ -712,8 +845,7 @@ def read_algonauts_h5(
             raise DataError(f"{path}: no 'sub-XX' in the file name; pass subject=")
         subject = found.group(1)
     subject = _normalize_subject(subject)
-    if not path.is_file():
-        raise DataError(f"{path}: HDF5 file not found")
+    require_file(path, "HDF5 file")
     wanted = None if episodes is None else set(episodes)
     try:
         handle = h5py.File(path, "r")
@@ -721,8 +853,10 @@ def read_algonauts_h5(
         raise DataError(f"{path}: cannot open HDF5 file (truncated or not HDF5?): {exc}") from exc
     runs: dict[str, np.ndarray] = {}
     sessions: dict[str, str] = {}
+    repeats: dict[str, list[str]] = {}
     with handle:
         names = sorted(handle.keys(), key=_natural_key)
+        first_names: dict[str, str] = {}
         for name in names:
             match = _H5_RUN.match(name)
             if match is None:
@@ -730,13 +864,10 @@ def read_algonauts_h5(
             episode = match["task"]
             if wanted is not None and episode not in wanted:
                 continue
-            if episode in runs:
-                warnings.warn(
-                    f"{path.name}: episode {episode} appears more than once; keeping "
-                    f"session {sessions[episode]}, ignoring dataset '{name}'",
-                    stacklevel=2,
-                )
+            if episode in runs:  # names sort by session: the first session is kept
+                repeats.setdefault(episode, [f"'{first_names[episode]}'"]).append(f"'{name}'")
                 continue
+            first_names[episode] = name
             dataset = handle[name]
             if not isinstance(dataset, h5py.Dataset):
                 raise DataError(f"{path}: '{name}' is a group, expected a dataset")
@@ -756,7 +887,9 @@ def read_algonauts_h5(
             runs[episode] = array
             sessions[episode] = match["ses"] or ""
     if not runs:
-        raise DataError(f"{path}: no run dataset found" + (" for the requested episodes" if wanted else ""))
+        requested = f" for the {len(wanted)} requested episodes ({', '.join(sorted(wanted)[:4])}...)" if wanted else ""
+        raise DataError(f"{path}: no run dataset found{requested}")
+    _log_repeats(f"{subject} ({path.name})", repeats)
     n_targets = next(iter(runs.values())).shape[1]
     if target_names is None:
         target_names = [f"parcel-{i + 1:04d}" for i in range(n_targets)]

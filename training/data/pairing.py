@@ -26,9 +26,10 @@ Rules (each is tested):
 
 Splits by season use the episode id ``sSSeEE[h]`` (season ``SS``).  By default the last
 season is the test set and the other seasons are split about 75 / 25 into training and
-validation **by run**, drawn with a seeded generator from the sorted list of episodes you
-pass.  Pass the same list (e.g. :meth:`StimulusCache.episodes`) for every subject and all
-subjects share one split.
+validation **by whole episode**: the halves ``a``, ``b`` (...) of one episode always fall on
+the same side, so validation never sees the other half of a training episode.  The draw
+uses a seeded generator over the sorted episodes you pass; pass the same list for every
+subject and all subjects share one split.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = [
     "split_by_season",
     "split_from_lists",
     "split_runs",
+    "whole_episode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,12 @@ def parse_episode(episode: str) -> tuple[int, int, str]:
     if match is None:
         raise DataError(f"episode id {episode!r} does not follow 's<season>e<episode>[part]' (e.g. 's01e02a')")
     return int(match["season"]), int(match["episode"]), match["part"]
+
+
+def whole_episode(episode: str) -> str:
+    """The episode a run belongs to, without its part: ``"s01e02a"`` -> ``"s01e02"``."""
+    season, number, _ = parse_episode(episode)
+    return f"s{season:02d}e{number:02d}"
 
 
 def season_of(episode: str) -> int:
@@ -290,10 +298,12 @@ def split_by_season(
         Seasons split into training and validation; default: every other season.
         Episodes of seasons in neither list are left out.
     val_fraction : :obj:`float`, default=0.25
-        Fraction of the train-season runs drawn for validation: ``round(fraction * n)``
-        runs, at least one when ``fraction > 0`` and there are two runs or more.
+        Fraction of the train-season episodes drawn for validation: ``round(fraction * n)``
+        whole episodes (all their parts ``a``, ``b``...), at least one when
+        ``fraction > 0`` and there are two episodes or more.
     seed : :obj:`int`, default=0
-        Seed of the draw (:func:`numpy.random.default_rng` permutation of the sorted ids).
+        Seed of the draw (:func:`numpy.random.default_rng` permutation of the sorted
+        episodes).
 
     Returns
     -------
@@ -311,13 +321,17 @@ def split_by_season(
     if test_set & train_set:
         raise ValueError(f"seasons {sorted(test_set & train_set)} are both train and test seasons")
     test = [e for e in ids if seasons[e] in test_set]
-    pool = [e for e in ids if seasons[e] in train_set]
+    groups: dict[str, list[str]] = {}  # whole episode -> its parts, in order
+    for episode in ids:
+        if seasons[episode] in train_set:
+            groups.setdefault(whole_episode(episode), []).append(episode)
+    pool = list(groups)
     n_val = int(math.floor(val_fraction * len(pool) + 0.5))
     if val_fraction > 0 and len(pool) >= 2:
         n_val = max(n_val, 1)
     order = np.random.default_rng(seed).permutation(len(pool))
-    validation = [pool[i] for i in order[:n_val]]
-    train = [pool[i] for i in order[n_val:]]
+    validation = [e for i in order[:n_val] for e in groups[pool[i]]]
+    train = [e for i in order[n_val:] for e in groups[pool[i]]]
     return Split(tuple(train), tuple(validation), tuple(test))
 
 

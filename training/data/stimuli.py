@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data._io import atomic_save_npy, file_identity, hash_key
+from training.data._io import atomic_save_npy, file_identity, hash_key, is_unfetched
 from training.data.errors import DataError
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "StimulusCache",
     "decode_audio",
     "find_stimuli",
+    "scan_stimuli",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,13 +64,35 @@ _DECODER_VERSION = "sf+torchcodec/torchaudio-sinc-hann-w6-r0.99/v1"
 _STIMULUS_NAME = re.compile(r"(?:^|_)(?:task-)?(?P<episode>s\d+e\d+[a-z]?)$", re.IGNORECASE)
 
 
-def find_stimuli(stimuli_dir: str | Path) -> dict[str, Path]:
-    """Map episode ids to stimulus files found (recursively) under ``stimuli_dir``.
+def _rank(path: Path, order: dict[str, int]) -> tuple:
+    return (order[path.suffix.lower()], len(str(path)), str(path))
 
-    A file belongs to episode ``s01e02a`` when its name (without extension) is
-    ``s01e02a`` or ends with ``_s01e02a`` (``friends_s01e02a.mkv``).  When one episode has
-    several files, audio files win over video files, then :data:`AUDIO_EXTENSIONS` /
-    :data:`VIDEO_EXTENSIONS` order, then the shortest path.
+
+def _drop_full_episodes(found: dict[str, Path], parted: set[str]) -> dict[str, Path]:
+    """Without the full-episode files of episodes that also come in parts.
+
+    friends.stimuli holds ``friends_s01e01.mkv`` beside ``s1/friends_s01e01a.mkv`` and
+    ``friends_s01e01b.mkv``: the scanner showed the parts (one fMRI run each), so the full
+    episode pairs with no run and only costs decoding time.
+    """
+    dropped = sorted(episode for episode in found if episode in parted)
+    if dropped:
+        logger.info(
+            "ignoring %d full-episode stimulus file(s) whose episode also comes in parts (one fMRI "
+            "run per part): %s",
+            len(dropped),
+            ", ".join(found[episode].name for episode in dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+        )
+    return {episode: path for episode, path in found.items() if episode not in parted}
+
+
+def scan_stimuli(stimuli_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Stimulus files under ``stimuli_dir``: ``(found, unfetched)``, each episode id -> path.
+
+    ``found`` are readable files (see :func:`find_stimuli` for the naming and preference
+    rules); ``unfetched`` are broken git-annex links (a datalad clone's files not yet
+    fetched) for episodes with no readable file.  Files of other stimuli sets (Movie10's
+    ``bourne01.mkv``...) or other kinds (transcripts' ``.tsv``) match no rule and are ignored.
 
     Raises
     ------
@@ -81,19 +104,47 @@ def find_stimuli(stimuli_dir: str | Path) -> dict[str, Path]:
         raise DataError(f"{folder}: stimuli folder not found")
     order = {ext: i for i, ext in enumerate(AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)}
     found: dict[str, Path] = {}
+    unfetched: dict[str, Path] = {}
     for path in folder.rglob("*"):
         suffix = path.suffix.lower()
-        if suffix not in order or not path.is_file() or path.name.startswith("."):
+        if suffix not in order or path.name.startswith("."):
             continue
         match = _STIMULUS_NAME.search(path.stem)
         if match is None:
             continue
+        if is_unfetched(path):
+            bucket = unfetched
+        elif path.is_file():
+            bucket = found
+        else:
+            continue
         episode = match["episode"].lower()
-        rank = (order[suffix], len(str(path)), str(path))
-        current = found.get(episode)
-        if current is None or rank < (order[current.suffix.lower()], len(str(current)), str(current)):
-            found[episode] = path
-    return dict(sorted(found.items()))
+        current = bucket.get(episode)
+        if current is None or _rank(path, order) < _rank(current, order):
+            bucket[episode] = path
+    parted = {episode[:-1] for episode in (*found, *unfetched) if episode[-1].isalpha()}
+    found = _drop_full_episodes(dict(sorted(found.items())), parted)
+    unfetched = {e: p for e, p in sorted(unfetched.items()) if e not in found and e not in parted}
+    return found, unfetched
+
+
+def find_stimuli(stimuli_dir: str | Path) -> dict[str, Path]:
+    """Map episode ids to stimulus files found (recursively) under ``stimuli_dir``.
+
+    A file belongs to episode ``s01e02a`` when its name (without extension) is
+    ``s01e02a`` or ends with ``_s01e02a`` (``friends_s01e02a.mkv``).  When one episode has
+    several files, audio files win over video files, then :data:`AUDIO_EXTENSIONS` /
+    :data:`VIDEO_EXTENSIONS` order, then the shortest path.  A full-episode file
+    (``friends_s01e01.mkv``) is ignored when the episode also comes in parts
+    (``friends_s01e01a.mkv``...): the fMRI runs are the parts.  Unfetched git-annex links
+    are left out (see :func:`scan_stimuli`).
+
+    Raises
+    ------
+    DataError
+        The folder does not exist.
+    """
+    return scan_stimuli(stimuli_dir)[0]
 
 
 def _resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
@@ -191,6 +242,8 @@ class StimulusCache:
     ----------
     n_decoded : :obj:`int`
         How many files this object decoded (cache misses); useful to check reuse.
+    unfetched : :obj:`dict` of :obj:`str` to :class:`pathlib.Path`
+        Episodes whose only file is a git-annex link not yet fetched (``datalad get``).
 
     Examples
     --------
@@ -202,7 +255,7 @@ class StimulusCache:
         self.stimuli_dir = Path(stimuli_dir)
         self.cache_dir = Path(cache_dir)
         self.sample_rate = int(sample_rate)
-        self._files = find_stimuli(self.stimuli_dir)
+        self._files, self.unfetched = scan_stimuli(self.stimuli_dir)
         self._maps: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self.n_decoded = 0
@@ -234,6 +287,9 @@ class StimulusCache:
         try:
             return self._files[episode]
         except KeyError:
+            if episode in self.unfetched:
+                path = self.unfetched[episode]
+                raise DataError(f"{path}: stimulus of {episode} not fetched: datalad get {path}") from None
             raise DataError(f"{self.stimuli_dir}: no stimulus file for episode {episode!r}") from None
 
     def cache_path(self, episode: str) -> Path:

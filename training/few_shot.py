@@ -1,0 +1,788 @@
+"""Few-shot curves on HEAR tasks from heareval's embeddings: k examples per class, seeded draws.
+
+heareval trains on each task's full training split and reports one number. This module reuses
+the embeddings heareval's embeddings runner already wrote (computed once per task and
+checkpoint) and, for each k in a list and several seeded draws, trains a standardised linear
+probe (scikit-learn ``LogisticRegression``; one-vs-rest for multilabel tasks) on k training
+examples per class, chooses its regularisation ``C`` on the untouched validation split and
+scores the untouched test split with heareval's own score function for the task's first
+(primary) metric, so numbers are comparable with heareval's.
+
+Input: heareval's embeddings folders, ``<embeddings-dir>/<module>/<task>/`` with
+``task_metadata.json``, ``labelvocabulary.csv``, ``<split>.json`` (the ground truth heareval
+copies) and the per-file ``<split>/<file>.embedding.npy``. Those per-file arrays are read,
+not the per-split memmap, because they carry each clip's file name: draws are made over file
+names sorted, so the draw for (task, k, draw, fold) is the same for every checkpoint and
+comparisons are paired.
+
+Choices (documented in the report and tested):
+- Draws: for (task, fold, draw) one seeded permutation per class; k-shot takes its first k, so
+  draws are nested across k (the 2-shot set contains the 1-shot set) and do not depend on the
+  checkpoint. Multilabel: files are walked in one seeded order and kept while some label has
+  fewer than k positives ("k per label").
+- k larger than the smallest class of the training pool: the point is skipped with a message
+  naming the class, the run goes on.
+- k-fold tasks: heareval's convention, test = fold i, valid = fold i+1, train = the others;
+  draws are made within each fold's training pool.
+- No validation split (a ``trainvaltest`` task listing only train and test): C is chosen on a
+  seeded stratified 20 % of the training split, carved once per task (not per checkpoint); the
+  rest is the k-shot pool.
+- Labels are compared as strings, as heareval does (hearpreprocess writes integer labels as
+  JSON numbers).
+- Event tasks are skipped with a message: "k examples per class" has no clean meaning when a
+  file holds several events of several labels and frames are the training unit, and their
+  score depends on heareval's post-processing grid (median filter, minimum duration), which a
+  linear probe would have to re-implement; k-file event curves are left for later.
+
+Resumable: every finished point is appended (one line, flushed) to ``few_shot_points.csv``
+keyed by (checkpoint, task, k, draw, fold); a killed run continues where it stopped, and a
+rerun with more draws or ks computes only the new points. The statistics and plots are in
+:mod:`training.few_shot_stats`.
+
+Command line::
+
+    python -m training.few_shot [LABEL=]EMB_DIR... --out DIR [--ks 1,2,4,8,16,32] [--draws 5]
+        [--seed 0] [--baseline pretrained] [--compare A,B,...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hear_brainsoundnet.checkpoints import atomic_write
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+DEFAULT_DRAWS = 5
+# Inverse regularisation strengths tried on the validation split (features are standardised,
+# so one grid fits every embedding size; few-shot optima sit at the strong end).
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+SCENE_SCORES = ("top1_acc", "pitch_acc", "chroma_acc", "mAP", "d_prime", "aucroc")
+KFOLD_MODES = ("new_split_kfold", "presplit_kfold")
+VALID_FRACTION = 0.2
+POINTS_FILE = "few_shot_points.csv"
+CONFIG_FILE = "few_shot_config.json"
+INPUTS_FILE = "few_shot_inputs.json"  # each (checkpoint, task)'s embeddings marker time
+POINT_FIELDS = ("checkpoint", "task", "k", "draw", "fold", "score", "metric", "C", "valid_score",
+                "n_train")
+EMBEDDINGS_DONE = ".done.embeddings"
+
+
+class FewShotError(ValueError):
+    """Bad input to the few-shot evaluation (the message names the file or value at fault)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading heareval's embeddings folders
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a task: file names (sorted), their labels (strings) and embeddings."""
+
+    files: tuple[str, ...]
+    labels: tuple[tuple[str, ...], ...]
+    X: np.ndarray  # (n_files, dim) float32
+
+    def take(self, index: Sequence[int] | np.ndarray) -> "Split":
+        index = np.asarray(index, dtype=np.int64)
+        return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
+                     self.X[index])
+
+    @staticmethod
+    def concat(parts: Sequence["Split"]) -> "Split":
+        return Split(tuple(f for p in parts for f in p.files), tuple(l for p in parts for l in p.labels),
+                     np.concatenate([p.X for p in parts]))
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    """What the few-shot evaluation needs from one embeddings task folder's metadata."""
+
+    path: Path
+    name: str  # the folder name, the same for every checkpoint
+    embedding_type: str
+    prediction_type: str
+    split_mode: str
+    splits: tuple[str, ...]
+    evaluation: tuple[str, ...]
+    vocabulary: tuple[str, ...]
+
+    @property
+    def metric(self) -> str:
+        return self.evaluation[0]
+
+    def skip_reason(self) -> str | None:
+        """Why the few-shot evaluation does not run this task, or None."""
+        if self.embedding_type != "scene":
+            return (f"task {self.name}: event task skipped (k-shot per class is not defined for "
+                    "frame-level event labels; see training.few_shot's docstring)")
+        if self.metric not in SCENE_SCORES:
+            return (f"task {self.name}: primary score {self.metric!r} is not a scene score "
+                    f"{SCENE_SCORES}; skipped")
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FewShotError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FewShotError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_task_meta(task_dir: str | os.PathLike) -> TaskMeta:
+    """Metadata and label vocabulary of one heareval embeddings task folder."""
+    task_dir = Path(task_dir)
+    meta = _read_json(task_dir / "task_metadata.json")
+    needed = ("embedding_type", "prediction_type", "split_mode", "splits", "evaluation")
+    missing = [key for key in needed if key not in (meta if isinstance(meta, dict) else {})]
+    if missing:
+        raise FewShotError(f"{task_dir / 'task_metadata.json'}: lacks {missing}")
+    if not isinstance(meta["evaluation"], list) or not meta["evaluation"]:
+        raise FewShotError(f"{task_dir / 'task_metadata.json'}: evaluation must list score names")
+    if meta["prediction_type"] not in ("multiclass", "multilabel"):
+        raise FewShotError(f"{task_dir / 'task_metadata.json'}: prediction_type "
+                           f"{meta['prediction_type']!r} is neither multiclass nor multilabel")
+    vocab_path = task_dir / "labelvocabulary.csv"
+    if not vocab_path.is_file():
+        raise FewShotError(f"missing {vocab_path}")
+    try:
+        # Read as heareval reads it (pandas, then str), so that e.g. "060" is the label "60" as in heareval.
+        frame = pd.read_csv(vocab_path)
+        by_idx = dict(zip((int(i) for i in frame["idx"]), frame["label"].astype(str)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, KeyError,
+            ValueError, TypeError) as error:
+        raise FewShotError(f"{vocab_path}: expected a header 'idx,label' and 'integer,label' rows "
+                           f"({error!r})") from None
+    if not by_idx or sorted(by_idx) != list(range(len(frame))):
+        raise FewShotError(f"{vocab_path}: indices must be 0..{len(frame) - 1}")
+    return TaskMeta(path=task_dir, name=task_dir.name, embedding_type=meta["embedding_type"],
+                    prediction_type=meta["prediction_type"], split_mode=meta["split_mode"],
+                    splits=tuple(meta["splits"]), evaluation=tuple(meta["evaluation"]),
+                    vocabulary=tuple(by_idx[i] for i in range(len(by_idx))))
+
+
+def read_split(task: TaskMeta, split: str) -> Split:
+    """One split's embeddings (``<split>/<file>.embedding.npy``) and string labels, by file name."""
+    truth = _read_json(task.path / f"{split}.json")
+    if not isinstance(truth, dict) or not truth:
+        raise FewShotError(f"{task.path / f'{split}.json'}: must map file names to label lists")
+    vocabulary = set(task.vocabulary)
+    files = sorted(truth)
+    labels, arrays = [], []
+    for name in files:
+        value = truth[name]
+        if not isinstance(value, list) or (task.prediction_type == "multiclass" and len(value) != 1):
+            raise FewShotError(f"{task.path / f'{split}.json'}: labels of {name!r} ({value!r:.60}) "
+                               f"are not a list{' of one label' if task.prediction_type == 'multiclass' else ''}")
+        as_text = tuple(str(v) for v in value)  # heareval compares labels as strings
+        unknown = [v for v in as_text if v not in vocabulary]
+        if unknown:
+            raise FewShotError(f"{task.path / f'{split}.json'}: {name!r} has label(s) {unknown} not in "
+                               "labelvocabulary.csv")
+        labels.append(as_text)
+        path = task.path / split / f"{name}.embedding.npy"
+        if not path.is_file():
+            raise FewShotError(f"missing {path} (heareval's per-file embedding of {name!r})")
+        array = np.load(path)
+        if array.ndim != 1 or not np.isfinite(array).all():
+            raise FewShotError(f"{path}: expected a finite 1-D scene embedding, got shape {array.shape}")
+        arrays.append(array.astype(np.float32, copy=False))
+    dims = {a.shape[0] for a in arrays}
+    if len(dims) != 1:
+        raise FewShotError(f"{task.path / split}: embeddings of different sizes {sorted(dims)}")
+    return Split(tuple(files), tuple(labels), np.stack(arrays))
+
+
+def find_task_dirs(folder: str | os.PathLike) -> dict[str, Path]:
+    """Embedding task folders under ``folder``: heareval's ``--embeddings-dir`` (``<module>/<task>``),
+    one module's folder (``<task>``) or a single task folder; only finished ones (marker present)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FewShotError(f"{folder}: no such embeddings folder")
+    for depth in ("", "*", "*/*"):
+        pattern = f"{depth}/task_metadata.json" if depth else "task_metadata.json"
+        found = sorted(p.parent for p in folder.glob(pattern))
+        if found:
+            break
+    names = [p.name for p in found]
+    if len(set(names)) != len(names):
+        raise FewShotError(f"{folder}: holds several modules' embeddings of the same task; "
+                           "give each module's folder separately")
+    done = {p.name: p for p in found if (p / EMBEDDINGS_DONE).is_file()}
+    if not found:
+        raise FewShotError(f"{folder}: no heareval embeddings (no task_metadata.json at depth 0-2)")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------
+# Folds, validation, draws
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Which splits train, validate and test one fold (heareval's convention for k-fold)."""
+
+    fold: int
+    train: tuple[str, ...]
+    valid: tuple[str, ...]  # empty: carve validation from train
+    test: tuple[str, ...]
+
+
+def fold_plans(task: TaskMeta) -> list[FoldPlan]:
+    """heareval's data splits (``data_splits_from_folds``): for k-fold, test = fold i,
+    valid = fold i+1 (cyclic), train = the others; for trainvaltest, one plan."""
+    if task.split_mode in KFOLD_MODES:
+        folds = sorted(task.splits)
+        if len(folds) < 3:
+            raise FewShotError(f"task {task.name}: k-fold needs at least 3 folds, got {folds}")
+        plans = []
+        for i, test in enumerate(folds):
+            valid = folds[(i + 1) % len(folds)]
+            plans.append(FoldPlan(i, tuple(f for f in folds if f not in (test, valid)), (valid,), (test,)))
+        return plans
+    if task.split_mode != "trainvaltest":
+        raise FewShotError(f"task {task.name}: unknown split_mode {task.split_mode!r}")
+    if "train" not in task.splits or "test" not in task.splits:
+        raise FewShotError(f"task {task.name}: a trainvaltest task needs train and test splits, "
+                           f"got {list(task.splits)}")
+    return [FoldPlan(0, ("train",), ("valid",) if "valid" in task.splits else (), ("test",))]
+
+
+def _rng(seed: int, task: str, *parts: int) -> np.random.Generator:
+    # crc32 of the task folder name: stable across processes (Python's hash() is salted).
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), *parts])
+
+
+def carve_validation(pool: Split, *, seed: int, task: str, fold: int,
+                     fraction: float = VALID_FRACTION) -> tuple[Split, Split]:
+    """(train, valid): a seeded stratified ``fraction`` of each class (at least 1 of a class
+    with 2+ examples) for a task without a validation split. Multilabel: by first label."""
+    rng = _rng(seed, task, fold, 2**31 - 1)  # a stream no draw uses
+    first = np.array([l[0] if l else "" for l in pool.labels])
+    valid = []
+    for label in sorted(set(first)):
+        members = np.flatnonzero(first == label)
+        n = int(round(fraction * len(members))) if len(members) > 1 else 0
+        valid.extend(rng.permutation(members)[:max(n, 1 if len(members) > 1 else 0)])
+    if not valid:
+        raise FewShotError(f"task {task}: too few training examples to carve a validation split")
+    keep = np.setdiff1d(np.arange(len(pool.files)), valid)
+    return pool.take(keep), pool.take(np.sort(valid))
+
+
+class SkipPoint(Exception):
+    """A (task, k, fold) point that cannot be drawn (k larger than a class); the run goes on."""
+
+
+def class_counts(labels: Sequence[tuple[str, ...]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for label_set in labels:
+        for label in set(label_set):
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def draw_indices(labels: Sequence[tuple[str, ...]], k: int, *, seed: int, task: str, fold: int,
+                 draw: int, multilabel: bool = False, where: str = "") -> np.ndarray:
+    """Indices (sorted) of a k-shot training set drawn from ``labels`` (the pool, in file order).
+
+    Multiclass: k per class present in the pool, the first k of one seeded permutation per
+    class, so draws are nested across k. Multilabel: files in one seeded order, each kept while
+    one of its labels has fewer than k positives. Raises :class:`SkipPoint` when a class has
+    fewer than k examples (``where``, e.g. " (test fold fold00)", goes into its message).
+    Depends only on (seed, task, fold, draw, labels), not on embeddings.
+    """
+    if k < 1:
+        raise FewShotError(f"k must be at least 1, got {k}")
+    counts = class_counts(labels)
+    smallest = min(counts, key=lambda c: (counts[c], c))
+    if counts[smallest] < k:
+        raise SkipPoint(f"task {task}{where}: k={k} is larger than the smallest class "
+                        f"({smallest!r}: {counts[smallest]} training example(s)); point skipped")
+    rng = _rng(seed, task, fold, draw)
+    if not multilabel:
+        first = [l[0] for l in labels]
+        chosen = []
+        for label in sorted(counts):
+            members = np.array([i for i, value in enumerate(first) if value == label])
+            chosen.extend(rng.permutation(members)[:k])
+        return np.sort(np.asarray(chosen, dtype=np.int64))
+    have = dict.fromkeys(counts, 0)
+    chosen = []
+    for i in rng.permutation(len(labels)):
+        if any(have[label] < k for label in labels[i]):
+            chosen.append(i)
+            for label in set(labels[i]):
+                have[label] += 1
+            if all(n >= k for n in have.values()):
+                break
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe
+# ----------------------------------------------------------------------------------------------
+
+def score_function(metric: str, vocabulary: Sequence[str]) -> Callable[[np.ndarray, np.ndarray], float]:
+    """heareval's own score (``heareval.score.available_scores``) on (predictions, one-hot targets)."""
+    from heareval.score import available_scores  # imports dcase_util (seconds): only when used
+
+    if metric not in SCENE_SCORES or metric not in available_scores:
+        raise FewShotError(f"score {metric!r} is not a scene score heareval knows ({SCENE_SCORES})")
+    scorer = available_scores[metric](label_to_idx={label: i for i, label in enumerate(vocabulary)})
+    return lambda predictions, targets: float(scorer(predictions, targets))
+
+
+def targets_matrix(labels: Sequence[tuple[str, ...]], vocabulary: Sequence[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(vocabulary)}
+    y = np.zeros((len(labels), len(vocabulary)), dtype=np.float32)
+    for row, label_set in enumerate(labels):
+        y[row, [index[label] for label in label_set]] = 1.0
+    return y
+
+
+def _make_classifier(multilabel: bool):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    # warm_start: along the C grid each fit starts from the previous solution (same optimum, fewer steps).
+    linear = LogisticRegression(max_iter=2000, warm_start=True)
+    return OneVsRestClassifier(linear) if multilabel else linear
+
+
+def _predict(classifier, X: np.ndarray, classes: Sequence[str], vocabulary: Sequence[str],
+             multilabel: bool) -> np.ndarray:
+    """Scores (n, len(vocabulary)): the probe's probabilities placed at each label's index."""
+    proba = classifier.predict_proba(X)
+    if multilabel:
+        return proba
+    out = np.zeros((len(X), len(vocabulary)), dtype=np.float64)
+    index = {label: i for i, label in enumerate(vocabulary)}
+    out[:, [index[c] for c in classes]] = proba
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    score: float  # test score of the probe with the chosen C
+    C: float
+    valid_score: float
+
+
+def fit_probe(train: Split, valid: Split, test: Split, vocabulary: Sequence[str], metric: str,
+              multilabel: bool, Cs: Sequence[float] = DEFAULT_CS,
+              score: Callable[[np.ndarray, np.ndarray], float] | None = None) -> ProbeResult:
+    """Logistic regression on ``train`` standardised with train's mean and std; C chosen on
+    ``valid`` by the task's metric (ties: the stronger regularisation); the test score of that C."""
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    score = score or score_function(metric, vocabulary)
+    if multilabel:
+        y = targets_matrix(train.labels, vocabulary).astype(np.int64)
+        classes: Sequence[str] = vocabulary
+    else:
+        y = np.array([l[0] for l in train.labels])
+        classes = sorted(set(y))
+        if len(classes) < 2:
+            raise FewShotError("a probe needs at least two classes in its training set")
+    scaler = StandardScaler().fit(train.X)
+    X_train, X_valid, X_test = (scaler.transform(s.X) for s in (train, valid, test))
+    valid_targets = targets_matrix(valid.labels, vocabulary)
+    classifier = _make_classifier(multilabel)
+    best: tuple[float, float, np.ndarray] | None = None
+    # One BLAS thread: these problems are small, and threads only contend on a shared machine
+    # (measured 5-10x faster fits on 2 loaded cores).
+    with threadpool_limits(1), warnings.catch_warnings():
+        # OneVsRest warns about labels present in every (or no) k-shot file: it predicts them constantly.
+        warnings.simplefilter("ignore", UserWarning)
+        if X_train.shape[0] < X_train.shape[1]:
+            # Exact shortcut: an L2-penalised linear model's weights lie in the span of its training
+            # rows (the loss gradient is X^T(...)), so fitting in an orthonormal basis of that span
+            # gives the same predictions for any input, with n instead of d features (few-shot: n << d).
+            _, singular, vt = np.linalg.svd(X_train, full_matrices=False)
+            # At least one column: an all-zero training set (one file, standardised) gets zero weights anyway.
+            basis = vt[:max(1, int(np.sum(singular > singular[0] * 1e-10)))].T
+            X_train, X_valid, X_test = X_train @ basis, X_valid @ basis, X_test @ basis
+        for C in sorted(Cs):
+            if multilabel:
+                classifier.set_params(estimator__C=C)
+            else:
+                classifier.set_params(C=C)
+            classifier.fit(X_train, y)
+            value = score(_predict(classifier, X_valid, classes, vocabulary, multilabel), valid_targets)
+            value = value if math.isfinite(value) else -math.inf
+            if best is None or value > best[0]:
+                best = (value, C, _predict(classifier, X_test, classes, vocabulary, multilabel))
+    assert best is not None
+    test_score = score(best[2], targets_matrix(test.labels, vocabulary))
+    return ProbeResult(float(test_score), float(best[1]), float(best[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumable store of finished points
+# ----------------------------------------------------------------------------------------------
+
+class PointStore:
+    """Append-only CSV of finished points, one flushed line each; a line cut by a kill is dropped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: dict[tuple[str, str, int, int, int], dict[str, Any]] = {}
+        if self.path.is_file():
+            self._load()
+
+    @staticmethod
+    def key(row: Mapping[str, Any]) -> tuple[str, str, int, int, int]:
+        return (str(row["checkpoint"]), str(row["task"]), int(row["k"]), int(row["draw"]), int(row["fold"]))
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # the last line was being written when killed
+            data = data[: data.rfind(b"\n") + 1]
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(data))
+        reader = csv.DictReader(io.StringIO(data.decode()))
+        if data and tuple(reader.fieldnames or ()) != POINT_FIELDS:
+            raise FewShotError(f"{self.path}: header {reader.fieldnames} is not {list(POINT_FIELDS)}; "
+                               "not a few-shot points file")
+        for row in reader:
+            row = {"checkpoint": row["checkpoint"], "task": row["task"], "k": int(row["k"]),
+                   "draw": int(row["draw"]), "fold": int(row["fold"]), "score": float(row["score"]),
+                   "metric": row["metric"], "C": float(row["C"]), "valid_score": float(row["valid_score"]),
+                   "n_train": int(row["n_train"])}
+            self.rows[self.key(row)] = row
+
+    def __contains__(self, key: tuple[str, str, int, int, int]) -> bool:
+        return key in self.rows
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=POINT_FIELDS, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerow({name: row[name] for name in POINT_FIELDS})
+        with open(self.path, "a") as handle:
+            handle.write(buffer.getvalue())  # one write: a kill leaves at most one cut line
+            handle.flush()
+        self.rows[self.key(row)] = dict(row)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.rows.values()), columns=list(POINT_FIELDS))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FewShotResult:
+    """Outcome of :func:`run_few_shot`: the long score table, what was skipped and why, the
+    paired statistics, the files written and how many points this call computed."""
+
+    out_dir: Path
+    scores: pd.DataFrame
+    skipped: list[str]
+    stats: pd.DataFrame
+    summary: list[str]
+    files: dict[str, Path]
+    computed: int = 0
+    fits: int = 0  # probe fits (one per C per computed point)
+
+
+def parse_ks(text: str | Iterable[int]) -> tuple[int, ...]:
+    """``"1,2,4"`` (or integers) -> sorted unique ks; a clear error for anything else."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        ks = sorted({int(str(item).strip()) for item in items if str(item).strip()})
+    except ValueError:
+        raise FewShotError(f"--few-shot: expected comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise FewShotError(f"--few-shot: ks must be integers >= 1, got {text!r}")
+    return tuple(ks)
+
+
+def _check_config(out_dir: Path, seed: int, Cs: Sequence[float]) -> None:
+    """Refuse to mix points of another seed or C grid into an output folder (resume safety)."""
+    config = {"seed": seed, "Cs": [float(c) for c in Cs], "predictor": "logistic-regression probe",
+              "valid_fraction_when_no_valid_split": VALID_FRACTION}
+    path = out_dir / CONFIG_FILE
+    if path.is_file():
+        saved = _read_json(path)
+        for key in ("seed", "Cs"):
+            if saved.get(key) != config[key]:
+                raise FewShotError(f"{path}: this folder holds few-shot points for {key}={saved.get(key)}, "
+                                   f"not {config[key]}; use another output folder")
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _check_inputs(out_dir: Path, chosen: Mapping[str, Mapping[str, TaskMeta]], store: "PointStore") -> None:
+    """Refuse to reuse points computed from embeddings that have since been recomputed (a new
+    ``.done.embeddings`` marker), which would silently mix two versions of a checkpoint."""
+    path = out_dir / INPUTS_FILE
+    saved = _read_json(path) if path.is_file() else {}
+    done = {key[:2] for key in store.rows}
+    for label, metas in chosen.items():
+        for name, meta in metas.items():
+            stamp = (meta.path / EMBEDDINGS_DONE).stat().st_mtime_ns
+            before = saved.setdefault(label, {}).setdefault(name, stamp)
+            if before != stamp and (label, name) in done:
+                raise FewShotError(f"the embeddings of checkpoint {label!r}, task {name} ({meta.path}) were "
+                                   f"recomputed after their few-shot points in {out_dir / POINTS_FILE}; "
+                                   "use another output folder (or delete this one)")
+            saved[label][name] = stamp
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1) + "\n"))
+
+
+@dataclass
+class _Fold:
+    plan: FoldPlan
+    pool: Split
+    valid: Split
+    test: Split
+
+
+def _prepare_folds(meta: TaskMeta, seed: int, log: Callable[[str], None],
+                   said: dict[str, None]) -> list[_Fold]:
+    splits = {name: read_split(meta, name) for name in meta.splits}
+    dims = {s.X.shape[1] for s in splits.values()}
+    if len(dims) != 1:
+        raise FewShotError(f"{meta.path}: splits have embeddings of different sizes {sorted(dims)}")
+    folds = []
+    for plan in fold_plans(meta):
+        pool = Split.concat([splits[name] for name in plan.train])
+        if plan.valid:
+            valid = Split.concat([splits[name] for name in plan.valid])
+        else:
+            pool, valid = carve_validation(pool, seed=seed, task=meta.name, fold=plan.fold)
+            _say(log, said, f"task {meta.name}: no validation split; C is chosen on a seeded "
+                            f"stratified {VALID_FRACTION:.0%} of train ({len(valid.files)} files), "
+                            f"the other {len(pool.files)} are the k-shot pool")
+        folds.append(_Fold(plan, pool, valid, Split.concat([splits[name] for name in plan.test])))
+    return folds
+
+
+def _say(log: Callable[[str], None], said: dict[str, None], message: str) -> None:
+    if message not in said:  # the same skip holds for every checkpoint: say it once
+        said[message] = None
+        log(message)
+
+
+def _run_task(label: str, meta: TaskMeta, ks: Sequence[int], draws: int, seed: int,
+              Cs: Sequence[float], store: PointStore, bar, log: Callable[[str], None],
+              said: dict[str, None]) -> int:
+    """Every missing (k, draw, fold) point of one checkpoint's task; the number computed."""
+    n_folds = len(fold_plans(meta))
+    missing = [(k, d) for k in ks for d in range(draws)
+               if any((label, meta.name, k, d, f) not in store for f in range(n_folds))]
+    bar.update(len(ks) * draws - len(missing))
+    if not missing:
+        return 0
+    folds = _prepare_folds(meta, seed, log, said)
+    score = score_function(meta.metric, meta.vocabulary)
+    multilabel = meta.prediction_type == "multilabel"
+    computed = 0
+    for k, draw in missing:
+        for fold in folds:
+            key = (label, meta.name, k, draw, fold.plan.fold)
+            if key in store:
+                continue
+            try:
+                index = draw_indices(fold.pool.labels, k, seed=seed, task=meta.name,
+                                     fold=fold.plan.fold, draw=draw, multilabel=multilabel,
+                                     where=f" (test fold {fold.plan.test[0]})" if n_folds > 1 else "")
+            except SkipPoint as skip:
+                _say(log, said, str(skip))
+                continue
+            train = fold.pool.take(index)
+            try:
+                result = fit_probe(train, fold.valid, fold.test, meta.vocabulary, meta.metric,
+                                   multilabel, Cs, score)
+            except FewShotError as error:
+                raise FewShotError(f"task {meta.name} ({meta.path}), fold {fold.plan.fold}: {error}") from None
+            store.append({"checkpoint": label, "task": meta.name, "k": k, "draw": draw,
+                          "fold": fold.plan.fold, "score": result.score, "metric": meta.metric,
+                          "C": result.C, "valid_score": result.valid_score, "n_train": len(index)})
+            computed += 1
+        bar.update(1)
+    return computed
+
+
+def _log_above(bar, log: Callable[[str], None], message: str) -> None:
+    with bar.external_write_mode(file=sys.stderr):  # the message above the bar, not through it
+        log(message)
+
+
+def _collect_tasks(embedding_dirs: Mapping[str, str | os.PathLike], tasks: Iterable[str] | None,
+                   log: Callable[[str], None], said: dict[str, None]) -> dict[str, dict[str, TaskMeta]]:
+    """Checkpoint label -> {task folder name: metadata} of the tasks the sweep runs."""
+    keep = set(tasks) if tasks is not None else None
+    chosen: dict[str, dict[str, TaskMeta]] = {}
+    for label, folder in embedding_dirs.items():
+        chosen[label] = {}
+        for name, path in find_task_dirs(folder).items():
+            if keep is not None and name not in keep:
+                continue
+            meta = read_task_meta(path)
+            reason = meta.skip_reason()
+            if reason:
+                _say(log, said, reason)
+                continue
+            chosen[label][name] = meta
+    names = sorted({name for metas in chosen.values() for name in metas})
+    for label, metas in chosen.items():
+        absent = [name for name in names if name not in metas]
+        if absent:
+            log(f"checkpoint {label}: no finished embeddings for task(s) {absent}; their "
+                "comparisons leave this checkpoint out")
+    return chosen
+
+
+def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+                 ks: Sequence[int] = DEFAULT_KS, draws: int = DEFAULT_DRAWS, seed: int = 0, *,
+                 Cs: Sequence[float] = DEFAULT_CS, tasks: Iterable[str] | None = None,
+                 baseline: str | None = "pretrained", compare: Sequence[str] | None = None,
+                 unit: str = "subject", alpha: float = 0.05, progress: bool = True,
+                 log: Callable[[str], None] = print) -> FewShotResult:
+    """The few-shot sweep over checkpoints' heareval embeddings, resumable, then tables and plots.
+
+    ``embedding_dirs`` maps a checkpoint label to heareval's ``--embeddings-dir`` for it (or a
+    module's folder). Every (checkpoint, task, k, draw, fold) point is computed once and kept
+    in ``out_dir/few_shot_points.csv``; what is already there is not recomputed. ``baseline``
+    (a label; None: no statistics) is compared with ``compare`` (default: every other label)
+    by :func:`training.few_shot_stats.paired_stats` with ``unit`` ("subject" or "draw").
+    Returns the long table (checkpoint, task, k, draw, fold, score, metric, C, valid_score,
+    n_train) of the requested points and the outputs' paths.
+    """
+    from tqdm.auto import tqdm
+
+    from . import few_shot_stats
+
+    out_dir = Path(out_dir)
+    ks = parse_ks(ks)
+    if draws < 1:
+        raise FewShotError(f"draws must be at least 1, got {draws}")
+    if not embedding_dirs:
+        raise FewShotError("no checkpoints' embeddings given")
+    if baseline is not None and baseline not in embedding_dirs:
+        raise FewShotError(f"baseline {baseline!r} is not one of the checkpoints {list(embedding_dirs)}")
+    said: dict[str, None] = {}  # messages in the order they were first said
+    chosen = _collect_tasks(embedding_dirs, tasks, log, said)
+    if not any(chosen.values()):
+        raise FewShotError("no task to run: no finished scene-task embeddings in "
+                           f"{[str(p) for p in embedding_dirs.values()]}")
+    _check_config(out_dir, seed, Cs)
+    store = PointStore(out_dir / POINTS_FILE)
+    _check_inputs(out_dir, chosen, store)
+    total = sum(len(metas) for metas in chosen.values()) * len(ks) * draws
+    computed = 0
+    with tqdm(total=total, desc="few-shot (checkpoint, task, k, draw)", disable=not progress,
+              unit="draw", file=sys.stderr) as bar:
+        for label, metas in chosen.items():
+            for name, meta in sorted(metas.items()):
+                bar.set_postfix_str(f"{label} {name}", refresh=False)
+                computed += _run_task(label, meta, ks, draws, seed, Cs, store, bar,
+                                      lambda m: _log_above(bar, log, m), said)
+    frame = store.frame()
+    wanted = (frame["checkpoint"].isin(list(chosen)) & frame["k"].isin(ks) & (frame["draw"] < draws)
+              & frame.apply(lambda r: r["task"] in chosen.get(r["checkpoint"], {}), axis=1)
+              if not frame.empty else pd.Series([], dtype=bool))
+    scores = frame[wanted].sort_values(["checkpoint", "task", "k", "draw", "fold"]).reset_index(drop=True)
+    outputs = few_shot_stats.write_outputs(scores, out_dir, baseline=baseline, compare=compare,
+                                           unit=unit, alpha=alpha, skipped=list(said))
+    return FewShotResult(out_dir, scores, list(said), outputs.stats, outputs.summary,
+                         outputs.files, computed, computed * len(Cs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def add_few_shot_arguments(parser: argparse.ArgumentParser, *, default_ks: str | None = None) -> None:
+    """The few-shot options (``--few-shot KS --draws N ...``), for ``hear-eval`` and this module.
+
+    With ``default_ks=None`` the sweep is off unless ``--few-shot`` is given."""
+    group = parser.add_argument_group("few-shot curves (training.few_shot)")
+    group.add_argument("--few-shot", metavar="KS", default=default_ks,
+                       help="examples per class (per label for multilabel tasks), comma-separated, "
+                            f"e.g. {','.join(map(str, DEFAULT_KS))}"
+                            + ("" if default_ks is None else f" (default {default_ks})"))
+    group.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
+                       help=f"seeded draws of the training split per k (default {DEFAULT_DRAWS})")
+    group.add_argument("--few-shot-seed", type=int, default=0, help="seed of the draws (default 0)")
+    group.add_argument("--few-shot-baseline", default="pretrained",
+                       help="checkpoint label the others are compared with (default pretrained; "
+                            "'none': no statistics)")
+    group.add_argument("--few-shot-compare", default=None, metavar="LABELS",
+                       help="comma-separated labels compared with the baseline, one per subject "
+                            "(default: every other checkpoint)")
+    group.add_argument("--few-shot-unit", default="subject", choices=("subject", "draw"),
+                       help="pairs of the Wilcoxon test: subjects' checkpoints (mean over draws and "
+                            "folds; the study's) or draws (mean over the compared checkpoints)")
+
+
+def run_from_args(args: argparse.Namespace, embedding_dirs: Mapping[str, str | os.PathLike],
+                  out_dir: str | os.PathLike, *, tasks: Iterable[str] | None = None,
+                  log: Callable[[str], None] = print) -> FewShotResult | None:
+    """Run the sweep the parsed options ask for (None when ``--few-shot`` was not given);
+    ``tasks`` keeps only those task folder names."""
+    if args.few_shot is None:
+        return None
+    baseline = None if str(args.few_shot_baseline).lower() == "none" else args.few_shot_baseline
+    compare = ([c.strip() for c in args.few_shot_compare.split(",") if c.strip()]
+               if args.few_shot_compare else None)
+    return run_few_shot(embedding_dirs, out_dir, parse_ks(args.few_shot), args.draws,
+                        args.few_shot_seed, tasks=tasks, baseline=baseline, compare=compare,
+                        unit=args.few_shot_unit, progress=getattr(args, "few_shot_progress", True), log=log)
+
+
+def _parse_embedding_dir(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep:
+        path, label = text, Path(text).name
+    return label.strip(), Path(path.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.few_shot",
+                                     description="Few-shot curves with a linear probe on heareval embeddings.")
+    parser.add_argument("embeddings", nargs="+", metavar="[LABEL=]EMB_DIR",
+                        help="heareval --embeddings-dir of each checkpoint (label: the folder's name)")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    add_few_shot_arguments(parser, default_ks=",".join(map(str, DEFAULT_KS)))
+    parser.add_argument("--no-progress", dest="few_shot_progress", action="store_false",
+                        help="no progress bar")
+    args = parser.parse_args(argv)
+    dirs = dict(_parse_embedding_dir(text) for text in args.embeddings)
+    if len(dirs) != len(args.embeddings):
+        raise SystemExit("error: checkpoint labels must be unique (use LABEL=EMB_DIR)")
+    try:
+        result = run_from_args(args, dirs, args.out)
+    except FewShotError as error:
+        raise SystemExit(f"error: {error}") from None
+    assert result is not None
+    print((Path(args.out) / "few_shot.md").read_text())
+    print(f"{result.computed} point(s) computed; wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
