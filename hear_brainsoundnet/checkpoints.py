@@ -52,12 +52,13 @@ _PICKLE_MAGICS = {b"PK\x03\x04": "a torch.save/zip archive", b"\x93NUMPY": "a nu
 _PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol >= 2 starts with PROTO (0x80) + its number
 
 
-def _foreign_format(head: bytes, size: int) -> str | None:
+def _foreign_format(head: bytes) -> str | None:
     """What a file is when its first bytes say it is not safetensors but a pickling format."""
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len <= size - 8 and head[8:9] == b"{":
-            return None  # a safetensors header: length, then a JSON object
+    if head[8:9] == b"{":
+        # A safetensors header (length, then a JSON object), complete or truncated: the checks
+        # that follow say which. Nothing is ever unpickled, so a rare pickle that looks like this
+        # is still refused, only as a corrupt file.
+        return None
     for magic, what in _PICKLE_MAGICS.items():
         if head.startswith(magic):
             return what
@@ -193,7 +194,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(9)
-        what = _foreign_format(head, size)
+        what = _foreign_format(head)
         if what is not None:
             raise CheckpointError(
                 f"{path}: this is {what}, not a safetensors checkpoint; pickles are refused "
@@ -315,7 +316,7 @@ def find_sound8_npy() -> Path:
     return path
 
 
-def read_sound8_npy(path: str | os.PathLike | None = None, *, verify: bool = True) -> dict[str, dict]:
+def read_sound8_npy(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """The raw arrays of ``sound8.npy`` (a pickled dict), after the sha256 check.
 
     The pickle only references numpy's array reconstruction, but it is unpickled only after the
@@ -324,8 +325,7 @@ def read_sound8_npy(path: str | os.PathLike | None = None, *, verify: bool = Tru
     path = Path(path) if path is not None else find_sound8_npy()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if verify:
-        verify_sha256(path, SOUND8_SHA256)
+    verify_sha256(path, SOUND8_SHA256)  # always: np.load below unpickles
     return np.load(path, allow_pickle=True, encoding="latin1").item()
 
 

@@ -32,6 +32,7 @@ is a copy of that config for the Hub page, never read back.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -249,6 +250,8 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 
 
 _CLIENT_ERRORS = _client_errors()
+# OSErrors that come from the local disk, not from the transfer.
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
 def _offline() -> bool:
@@ -301,6 +304,11 @@ def fetch(entry: ManifestEntry, *, cache_dir: str | os.PathLike | None = None,
             f"{where}: huggingface_hub refuses this entry ({error}); fix the entry in "
             f"{manifest or manifest_path()}.") from None
     except _CLIENT_ERRORS as error:  # a connection cut during the download, after retries
+        if isinstance(error, OSError) and error.errno in _LOCAL_ERRNOS:  # the disk, not the network
+            raise CheckpointUnavailableError(
+                f"{where}: cannot write to the Hugging Face cache {cache} ({error.strerror}: "
+                f"{error.filename or error}); free space or fix its permissions, or point "
+                "HF_HUB_CACHE elsewhere.") from None
         raise CheckpointUnavailableError(
             f"{where}: the download from {endpoint or constants.ENDPOINT} was interrupted "
             f"({type(error).__name__}: {error}); retry `python -m hear_brainsoundnet.hub fetch "

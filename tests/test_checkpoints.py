@@ -178,6 +178,18 @@ def test_any_header_length_loads(tmp_path, low_byte):
         assert torch.equal(loaded.model.state_dict()[name], tensor)
 
 
+def test_a_truncated_checkpoint_is_called_truncated_whatever_its_first_byte(tmp_path):
+    model = SoundNet8(SoundNet8().config)
+    probe = save_checkpoint(tmp_path / "probe.safetensors", model, provenance={"note": ""})
+    pad = (0x80 - _header_length(probe)) % 256
+    path = save_checkpoint(tmp_path / "p.safetensors", model, provenance={"note": "x" * pad})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:_header_length(path) // 2])  # cut inside the header
+    assert cut.read_bytes()[0] == 0x80
+    with pytest.raises(CheckpointError, match="cut.safetensors: truncated"):
+        load_checkpoint(cut)
+
+
 def test_pickle_protocols_are_refused_whatever_the_first_byte(tmp_path):
     for protocol in range(2, 6):
         path = tmp_path / f"p{protocol}.bin"

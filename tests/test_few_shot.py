@@ -430,3 +430,21 @@ def test_hear_eval_style_arguments(known_answer, tmp_path):
     pd.testing.assert_frame_equal(got.scores, expected)
     assert set(got.stats["unit"]) == {"draw"} and (got.stats["n_pairs"] == 2).all()
     assert got.summary[0].startswith("k=1: improved significantly on 0 of 1 tasks")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--few-shot", "0,2"], "ks must be integers >= 1"),
+    (["--few-shot", "1,x"], "expected comma-separated integers"),
+    (["--few-shot", "1", "--draws", "0"], "--draws must be at least 1"),
+    (["--few-shot", "1", "--few-shot-seed", "-1"], "--few-shot-seed must be >= 0"),
+    (["--few-shot", "1"], r"name \['pretrained'\], which are not among the checkpoints' labels \['mine'\]"),
+])
+def test_hear_eval_refuses_bad_few_shot_options_before_any_embedding(tmp_path, options, message):
+    """A bad few-shot option stops ``hear-eval`` at once, before heareval runs (hours on real
+    tasks), naming the option; nothing is written."""
+    from training.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["hear-eval", f"mine={tmp_path / 'absent.safetensors'}", "--tasks-dir", str(tmp_path / "tasks"),
+              "--out", str(tmp_path / "out"), *options])
+    assert not (tmp_path / "out").exists()

@@ -262,6 +262,25 @@ def test_download_cut_off_half_way_is_an_actionable_error(hub_server, published,
     assert path.read_bytes() == checkpoint_file.read_bytes()
 
 
+def test_a_full_disk_is_not_reported_as_a_network_error(hub_server, published, monkeypatch):
+    """An OSError from the local cache (disk full, no permission) names the cache folder, not
+    the network, which retrying would not fix."""
+    import errno
+
+    from hear_brainsoundnet import hub
+
+    _, manifest = published
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/blobs/x.incomplete")
+
+    monkeypatch.setattr(hub, "hf_hub_download", full_disk)
+    with pytest.raises(CheckpointUnavailableError, match=r"checkpoint 'sub01_conv4' .*cannot write to the "
+                                                         r"Hugging Face cache .*No space left on device: "
+                                                         r"/cache/blobs/x.incomplete"):
+        resolve_checkpoint("sub01_conv4", manifest=manifest)
+
+
 @pytest.mark.parametrize("change, refused", [
     ({"repo_id": "brain-org/sub--01"}, "Cannot have -- or .. in repo_id"),
     ({"filename": "../escape.safetensors"}, "cannot contain a '..' path segment"),

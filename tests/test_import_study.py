@@ -243,6 +243,11 @@ def test_names_from_the_studys_file_names():
     assert names_from_filename("sub-01_friends_MIST_ROI_SoundNetEncoding_conv_0700515_opt110_wbid2.pt") == ("sub-01", "head")
     assert names_from_filename("sub-05_x_SoundNetEncoding_conv_0600715_opt110_NoInit_wbid3.pt") == ("sub-05", "null")
     assert names_from_filename("weights.pt") == (None, None)
+    # Fine-tuning from conv1 (or a pool) or from a random init is none of this project's conditions.
+    assert names_from_filename("sub-01_x_SoundNetEncoding_conv_0700515_opt110_f_conv1_wbid1.pt") == ("sub-01", None)
+    assert names_from_filename("sub-01_x_SoundNetEncoding_conv_0700515_opt110_f_pool2_wbid1.pt") == ("sub-01", None)
+    assert names_from_filename("sub-01_x_SoundNetEncoding_conv_0700515_opt110_NoInit_f_conv4_wbid1.pt") == ("sub-01", None)
+    assert names_from_filename("sub-02_x_SoundNetEncoding_conv_0700515_opt110_f_conv5_20220101.pt") == ("sub-02", "conv5")
 
 
 def test_command_line(study, tmp_path):

@@ -268,12 +268,21 @@ class MainJob:
         is drawn but not tested (it is not one subject's)."""
         from training.few_shot import DEFAULT_DRAWS, DEFAULT_KS, run_few_shot
 
+        from training.few_shot import FewShotError
+
         embeddings = self.workdir / "hear" / "embeddings"
-        dirs = {p.name: p for p in sorted(embeddings.iterdir()) if p.is_dir()}
+        dirs = {p.name: p for p in sorted(embeddings.iterdir()) if p.is_dir()} if embeddings.is_dir() else {}
+        if not dirs:  # the HEAR step logged why (it tolerates failed checkpoints)
+            log("few-shot curves skipped: no checkpoint has heareval embeddings")
+            return {"points": 0, "error": "no embeddings"}
         compare = [f"{s}_conv4" for s in self.subjects() if f"{s}_conv4" in dirs]
-        result = run_few_shot(dirs, self.workdir / "hear" / "few_shot", DEFAULT_KS, DEFAULT_DRAWS,
-                              seed=self.seed, baseline="pretrained", compare=compare or None,
-                              progress=self.progress_enabled, log=log)
+        try:
+            result = run_few_shot(dirs, self.workdir / "hear" / "few_shot", DEFAULT_KS, DEFAULT_DRAWS,
+                                  seed=self.seed, baseline="pretrained" if "pretrained" in dirs else None,
+                                  compare=compare or None, progress=self.progress_enabled, log=log)
+        except FewShotError as error:  # like a failed HEAR checkpoint: reported, not fatal
+            log(f"few-shot curves failed: {error}")
+            return {"points": 0, "error": str(error)}
         return {"points": len(result.scores)}
 
     def step_report(self) -> dict[str, Any]:
@@ -478,20 +487,23 @@ def cmd_hear_eval(args: argparse.Namespace) -> int:
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(args.out) / "generated_tasks"
     if not args.tasks_dir and not tasks_dir.is_dir():
         write_task_suite(tasks_dir, args.suite)
+    from training.few_shot import FewShotError, check_args
+
     try:
         specs = [CheckpointSpec.parse(text) for text in args.checkpoints]
+        check_args(args, [spec.label for spec in specs])  # before hours of embeddings, not after
         result = run_hear_eval(specs, tasks_dir, args.out, grid=args.grid, grid_points=args.grid_points,
                                skip_malformed=args.skip_malformed)
-    except (ValueError, FileNotFoundError) as error:  # MalformedTasksError is a ValueError
+    except (ValueError, FileNotFoundError) as error:  # MalformedTasksError, FewShotError: ValueErrors
         raise SystemExit(f"error: {error}") from None
     if not result.scores.empty:
         print((Path(args.out) / "hear_scores.md").read_text())
     for name in result.task_problems:
         print(f"skipped malformed task {name} (--skip-malformed)", file=sys.stderr)
-    few_shot_sweep(args, result)
     for outcome in result.failed:
         print(f"checkpoint {outcome.label}: {outcome.status}: {outcome.error or outcome.tasks_failed}",
               file=sys.stderr)
+    few_shot_sweep(args, result)
     return 1 if len(result.failed) == len(result.checkpoints) else 0
 
 

@@ -503,7 +503,10 @@ class HeldOutResults:
         out_dir = Path(out_dir)
         try:
             frame = read_table(out_dir / "scores.csv", dtype={"run": str, "target": str})
-            comparisons = read_table(out_dir / "comparisons.csv", dtype={"target": str})
+            try:
+                comparisons = read_table(out_dir / "comparisons.csv", dtype={"target": str})
+            except pd.errors.EmptyDataError:  # saved without comparisons (e.g. one model)
+                comparisons = pd.DataFrame()
             summary = read_table(out_dir / "summary.csv")
         except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
             raise ValueError(f"{out_dir}: cannot read held-out results ({error})") from None

@@ -739,6 +739,26 @@ def add_few_shot_arguments(parser: argparse.ArgumentParser, *, default_ks: str |
                             "folds; the study's) or draws (mean over the compared checkpoints)")
 
 
+def check_args(args: argparse.Namespace, labels: Iterable[str]) -> None:
+    """Refuse bad few-shot options before any embedding is computed (hours on real tasks):
+    the ks, the number of draws, the seed, and baseline / compared labels among ``labels``."""
+    if args.few_shot is None:
+        return
+    parse_ks(args.few_shot)
+    if args.draws < 1:
+        raise FewShotError(f"--draws must be at least 1, got {args.draws}")
+    if args.few_shot_seed < 0:
+        raise FewShotError(f"--few-shot-seed must be >= 0, got {args.few_shot_seed}")
+    labels = list(labels)
+    wanted = [] if str(args.few_shot_baseline).lower() == "none" else [args.few_shot_baseline]
+    wanted += [c.strip() for c in (args.few_shot_compare or "").split(",") if c.strip()]
+    unknown = [label for label in wanted if label not in labels]
+    if unknown:
+        raise FewShotError(f"--few-shot-baseline/--few-shot-compare name {unknown}, which are not among "
+                           f"the checkpoints' labels {labels} (label a checkpoint with LABEL=CHECKPOINT, "
+                           "or pass --few-shot-baseline none)")
+
+
 def run_from_args(args: argparse.Namespace, embedding_dirs: Mapping[str, str | os.PathLike],
                   out_dir: str | os.PathLike, *, tasks: Iterable[str] | None = None,
                   log: Callable[[str], None] = print) -> FewShotResult | None:
@@ -775,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(dirs) != len(args.embeddings):
         raise SystemExit("error: checkpoint labels must be unique (use LABEL=EMB_DIR)")
     try:
+        check_args(args, dirs)
         result = run_from_args(args, dirs, args.out)
     except FewShotError as error:
         raise SystemExit(f"error: {error}") from None

@@ -52,7 +52,8 @@ Conventions, and what was chosen:
   ``backbone_only`` (the backbone alone is imported, for HEAR).
 - The file does not say which subject or condition it is: they come from the arguments, or from
   the file name as the study names its results (``sub-01_..._f_conv4_...``: subject ``sub-01``,
-  condition ``conv4``; ``_NoInit``: ``null``; no ``_f_``: ``head``).
+  condition ``conv4``; ``_NoInit``: ``null``; no ``_f_``: ``head``; a fine-tuning start other than
+  conv4..conv7, or ``_NoInit`` with ``_f_``, names no condition of this project: it is left unset).
 
 Command line::
 
@@ -62,6 +63,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 import sys
@@ -221,10 +223,18 @@ def names_from_filename(name: str) -> tuple[str | None, str | None]:
     subject = re.search(r"(?<![A-Za-z0-9])(sub-[A-Za-z0-9]+)", name)
     condition = None
     if "SoundNetEncoding_conv" in name:  # the study's result_name(): ..._opt110[_NoInit][_f_conv4]_...
-        finetuned = re.search(r"_f_(conv[4-7])(?![0-9])", name)
-        condition = finetuned.group(1) if finetuned else ("null" if "_NoInit" in name else "head")
+        # --finetuneStart takes any layer (conv1..conv8, pools); only conv4..conv7 from the
+        # pretrained network are conditions of this project. A random init with fine-tuning, or
+        # an earlier start, is none of them: left unset, the provenance does not guess.
+        finetuned = re.search(r"_f_([A-Za-z0-9]+?)(?=_wbid|_\d{6,}|_|\.|$)", name)
         if "_NoTrain" in name:
             condition = None  # an untrained model: none of this project's conditions
+        elif "_NoInit" in name:
+            condition = None if finetuned else "null"
+        elif finetuned:
+            condition = finetuned.group(1) if finetuned.group(1) in ("conv4", "conv5", "conv6", "conv7") else None
+        else:
+            condition = "head"
     return (subject.group(1) if subject else None), condition
 
 
@@ -298,10 +308,18 @@ def import_study(in_path: str | Path, out_path: str | Path, *, subject: str | No
                          "for the TR's own frame: the study paired TR t with the conv7 frame this "
                          "project assigns to TR t-1 (to within 0.3 s)"}}
     model = backbone_from_study(state)
-    out = save_checkpoint(out_path, model, provenance=provenance, extra_tensors=extra_tensors,
-                          extra_config=extra_config)
-    load_checkpoint(out)  # the file must load as the plugin loads it
-    return out
+    out_path = Path(out_path)
+    # Written beside the target and loaded as the plugin loads it before it takes the name: a
+    # file that fails that check is never left where a user would load it.
+    staged = out_path.with_name(f".{out_path.name}.importing")
+    try:
+        save_checkpoint(staged, model, provenance=provenance, extra_tensors=extra_tensors,
+                        extra_config=extra_config)
+        load_checkpoint(staged)
+        os.replace(staged, out_path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return out_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 Protocol (see ``/work/shared/reference/encoding.md``):
 
 1. Features per TR (any :class:`training.features.FeatureSource`) are standardised with the
-   mean and standard deviation of the training TRs.
+   mean and standard deviation of the training TRs (each scale at least 10 % of the mean
+   column's, as the fine-tuned head's input standardisation).
 2. Each run's features are stacked with ``lags`` causal delays (TR ``t`` sees the features of
    TRs ``t, t - 1, ..., t - lags + 1``), zeros before the run starts, never crossing runs: the
    design of the fine-tuned models' causal head (kernel ``k`` TRs), with a ridge readout.
@@ -44,6 +45,7 @@ FORMAT = "hear-brainsoundnet-ridge-encoding-model"
 #: 1024 x 6 columns on ~2,000 TRs as well as the oracle's 10 x 6.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 8, 21))
 DEFAULT_SPLITS = 5
+MIN_SCALE_FRACTION = 0.1  # feature scales are at least this fraction of the mean column's
 
 
 def lag_features(features: np.ndarray, lags: int) -> np.ndarray:
@@ -234,7 +236,11 @@ def _build_design(features: Mapping[str, np.ndarray], runs: Sequence[str], lengt
     raw = [np.asarray(features[run][:n], dtype=np.float64) for run, n in zip(runs, lengths)]
     stacked = np.concatenate(raw)
     mean, scale = stacked.mean(axis=0), stacked.std(axis=0)
-    scale = np.where(scale > 1e-12 * max(float(scale.max()), 1e-300), scale, 1.0)  # constant columns stay 0
+    # As the fine-tuned head does (training.model.CausalHead): a scale under 10 % of the mean
+    # column's is raised to it, so near-silent columns (a third of pretrained conv7's channels
+    # barely fire) are not amplified to unit variance and given the same prior weight.
+    floor = MIN_SCALE_FRACTION * float(scale.mean())
+    scale = np.maximum(scale, floor) if floor > 0 else np.ones_like(scale)
     x = np.concatenate([lag_features((r - mean) / scale, lags) for r in raw])
     return _Design(list(runs), list(lengths), mean, scale, x)
 

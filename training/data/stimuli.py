@@ -1,7 +1,9 @@
 """Stimulus audio: decoded once, mono, 22,050 Hz, cached as memory-mappable arrays.
 
 - :func:`find_stimuli` maps episode ids to files (``friends_s01e02a.wav``, ``.flac``,
-  ``.mkv``, ``.mp4``..., searched recursively).
+  ``.mkv``, ``.mp4``..., searched recursively); full-episode files (``friends_s01e01.mkv``
+  beside its halves) and other films are not episodes.  :func:`scan_stimuli` also lists the
+  unfetched git-annex links of a datalad clone.
 - :func:`decode_audio` decodes one file to a mono float32 waveform at 22,050 Hz.
 - :class:`StimulusCache` does that once per file and keeps the result as a ``.npy`` in a
   cache folder; :meth:`StimulusCache.waveform` returns a read-only memory map, so a
