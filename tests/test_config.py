@@ -70,6 +70,11 @@ def test_integers_are_accepted_for_floats_and_round_trip(tmp_path: Path) -> None
     ("[data]\nconfounds_motion = \"all\"\n", "data.confounds_motion = 'all'; choose one of basic"),
     ("[data]\nstandardize = \"zscore_ddof\"\n", "data.standardize = 'zscore_ddof'"),
     ("[data]\nsmoothing_fwhm = -8\n", "data.smoothing_fwhm must be >= 0"),
+    ("[train]\nweight_decay = nan\n", "train.weight_decay must be a finite number, got nan"),
+    ("[train]\nweight_decay = inf\n", "train.weight_decay must be a finite number, got inf"),
+    ("[train]\nlr = inf\n", "train.lr must be a finite number, got inf"),
+    ("[data]\ntr = inf\n", "data.tr must be a finite number, got inf"),
+    ("[data]\ntr = -inf\n", "data.tr must be a finite number, got -inf"),
     ("[data]\nresample_atlas = \"yes\"\n", "data.resample_atlas must be bool"),
     ("[data]\nbrain_file = \"a.h5\"\n[subjects]\nmode = \"group\"\nids = [\"sub-01\", \"sub-02\"]\n",
      "data.brain_file = 'a.h5' names one file for 2 subjects; put {subject}"),
@@ -89,6 +94,21 @@ def test_bad_overrides_name_the_override() -> None:
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_config("/nonexistent/experiment.toml")
+    for bad in ("train.weight_decay=nan", "train.lr=inf", "data.tr=inf"):
+        with pytest.raises(ConfigError, match=f"--set {bad}: .* must be a finite number"):
+            load_config(None, [bad])
+
+
+def test_a_directory_or_unreadable_file_is_not_a_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path}: a directory, not a config file"):
+        load_config(tmp_path)
+    binary = tmp_path / "weights.toml"
+    binary.write_bytes(b"\x80\x04\x95 not text")
+    with pytest.raises(ConfigError, match="weights.toml: not a readable TOML file"):
+        load_config(binary)
+    from training.train import main  # the command line says it too, without a traceback
+
+    assert main([str(tmp_path)]) == 2
 
 
 def test_override_values_are_toml_or_bare_words() -> None:

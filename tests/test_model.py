@@ -227,3 +227,27 @@ def test_the_fused_inference_copy_is_not_part_of_the_model(episode: Episode) -> 
     EpisodeSet("train", [episode], model, TR, 16).build_cache()  # builds the fused prefix
     assert set(model.state_dict()) == keys
     assert not any("fast" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an array", "wrong shape"])
+def test_a_damaged_feature_cache_file_is_recomputed_with_a_warning_naming_it(episode: Episode, tmp_path,
+                                                                             damage: str) -> None:
+    """The on-disk feature cache is only a cache: a file cut short (a full disk, a killed copy)
+    or of the wrong content is named in a warning, removed and recomputed, never a raw numpy
+    error that stops the run."""
+    model = make_model("conv4").eval()
+    first = EpisodeSet("train", [episode], model, TR, 16, use_cache=True)
+    first.build_cache(folder=tmp_path)
+    (path,) = tmp_path.glob("*.npy")
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "not an array":
+        path.write_bytes(b"garbage")
+    else:
+        np.save(path, np.zeros(5, dtype=np.float32))
+    again = EpisodeSet("train", [episode], model, TR, 16, use_cache=True)
+    with pytest.warns(UserWarning, match=f"{path.name}: unreadable feature-cache file .*recomputing it"):
+        again.build_cache(folder=tmp_path)
+    assert torch.equal(again.cache[0], first.cache[0])
+    assert path.read_bytes() == good  # rewritten, complete

@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 
 from hear_brainsoundnet.soundnet import frame_geometry
 
-from .config import ConfigError, ExperimentConfig
 from hear_brainsoundnet.checkpoints import atomic_write
+
+from .config import ConfigError, ExperimentConfig
+from .data._io import drop_resident_pages
 from .data import (BrainRuns, DataError, Split, StimulusCache, find_algonauts_h5, pair_runs,
                    read_algonauts_h5, read_fmriprep, read_npz_cache, require_file, season_of,
                    split_by_season, split_from_lists, split_runs, window_starts)
@@ -155,9 +157,12 @@ class EpisodeSet:
                 key = hashlib.sha256(f"{fingerprint}/{geometry.n_samples}/{_audio_identity(episode.waveform)}".encode())
                 path = Path(folder) / f"{episode.name}_{self.model.prefix_layer}_{key.hexdigest()[:20]}.npy"
                 if path.is_file():
-                    self.cache[i] = torch.from_numpy(np.load(path)).to(device)
-                    continue
+                    cached = _load_cached_features(path)
+                    if cached is not None:
+                        self.cache[i] = cached.to(device)
+                        continue
             features = self.model.episode_features(episode.waveform, geometry)
+            drop_resident_pages(episode.waveform)  # read once: keep RSS to what is cached
             if path is not None:
                 atomic_write(path, lambda tmp, array=features.cpu().numpy(): _save_npy(tmp, array))
             self.cache[i] = features.to(device)
@@ -202,6 +207,7 @@ class EpisodeSet:
         start = time.perf_counter()
         frames = self.model.prefix(audio)[0]
         self.prefix_seconds += time.perf_counter() - start
+        drop_resident_pages(self.episodes[i].waveform)
         offset = s0 // frame_geometry(self.model.prefix_layer).hop
         return frames[:, window.prefix_start - offset:window.prefix_stop - offset]
 
@@ -241,6 +247,24 @@ def _audio_identity(waveform: np.ndarray) -> str:
         stat = Path(filename).stat()
         return f"{Path(filename).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     return hashlib.sha256(np.ascontiguousarray(waveform, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _load_cached_features(path: Path) -> torch.Tensor | None:
+    """A feature-cache file, or None (after a warning naming it, and its removal) when it cannot
+    be read: it is only a cache, so a damaged file (a disk that filled up, a copy cut short) is
+    recomputed rather than stopping the run."""
+    try:
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 2 or array.dtype != np.float32:
+            raise ValueError(f"a {array.dtype} array of shape {array.shape}, not 2-D float32 features")
+        if not np.isfinite(array).all():
+            raise ValueError("non-finite values")
+    except (ValueError, OSError, EOFError) as error:
+        warnings.warn(f"{path}: unreadable feature-cache file ({error}); removed, recomputing it",
+                      stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+    return torch.from_numpy(array)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -24,6 +24,7 @@ the override) at fault.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -302,6 +303,10 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         return [_coerce(item, item_type, f"{key}[{i}]", source) for i, item in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML reads nan and inf: no setting of a run means anything with them (an inf lr
+        # diverges at once, a NaN weight decay silently poisons every weight)
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     if annotation in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got bool {value!r}")
     if not isinstance(value, annotation):
@@ -370,6 +375,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             file_values = _flatten(tomllib.loads(path.read_text()), source)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a directory, not a config file (give the .toml file, e.g. "
+                              f"configs/synthetic_conv4.toml)") from None
+        except (PermissionError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not a readable TOML file ({error})") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML ({error})") from None
     override_values = [(text, *parse_override(text)) for text in overrides]

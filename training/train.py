@@ -301,12 +301,13 @@ def _train_once(config: ExperimentConfig, data: DataSplits | None = None) -> Tra
     torch.manual_seed(seed)
 
     # ---- 2. data ---------------------------------------------------------------------------
+    plan = None
     if data is None:
         if ctx.main:
-            prepare_data(config)  # generate / decode once, not once per rank
+            plan = prepare_data(config)  # brain data checked, split's audio decoded: once, not per rank
         if ctx.world > 1:
             dist.barrier()
-    splits = data if data is not None else load_splits(config)
+    splits = data if data is not None else load_splits(config, plan)
     subjects = config.subjects.ids
     splits = splits.restricted_to(subjects)
 

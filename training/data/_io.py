@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from training.data.errors import DataError
 
 __all__ = [
     "atomic_save_npy",
+    "drop_resident_pages",
     "atomic_save_npz",
     "atomic_write_text",
     "file_identity",
@@ -98,3 +100,14 @@ def require_file(path: str | Path, what: str, why: str = "") -> Path:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found{why}")
     return path
+
+
+def drop_resident_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the pages of a memory-mapped array that were read (a no-op for an
+    array in memory). A decoded soundtrack is a memory map; pages read stay resident and count
+    in the process's RSS until unmapped, so a pass over 36 h of audio would hold all of it
+    (11 GB) although each run is needed only once. The data stay on disk: a later read pages
+    them in again."""
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
