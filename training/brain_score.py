@@ -30,7 +30,6 @@ penalty; the mean over auditory targets where the data say which targets are aud
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -106,7 +105,8 @@ def check_held_out(config: ExperimentConfig, splits=None, source: str = "config"
                               "overlap the training runs (check data.test_episodes / data.train_episodes)")
 
 
-def data_annotations(config: ExperimentConfig, splits) -> tuple[list[str] | None, dict[str, dict[str, np.ndarray]] | None, Any]:
+def data_annotations(config: ExperimentConfig, splits
+                     ) -> tuple[list[str] | None, dict[str, dict[str, np.ndarray]] | None, Any]:
     """(target kinds, held-out noise ceilings per subject, atlas) where the data know them."""
     if config.data.source != "synthetic":
         return None, None, (config.data.atlas or None)
@@ -189,7 +189,8 @@ def encoding_table(score: BrainScore, kinds: Sequence[str] | None = None,
             frame["ceiling_r"] = ceilings[subject]["r"]
             frame["ceiling_r2"] = ceilings[subject]["r2"]
             with np.errstate(divide="ignore", invalid="ignore"):
-                frame["fraction_of_ceiling_r"] = np.where(frame["ceiling_r"] > 0, frame["r"] / frame["ceiling_r"], np.nan)
+                frame["fraction_of_ceiling_r"] = np.where(frame["ceiling_r"] > 0, frame["r"] / frame["ceiling_r"],
+                                                          np.nan)
         rows.append(frame)
     return pd.concat(rows, ignore_index=True)
 

@@ -52,6 +52,8 @@ import io
 import json
 import math
 import os
+import pickle
+import shutil
 import sys
 import warnings
 import zlib
@@ -75,8 +77,17 @@ VALID_FRACTION = 0.2
 POINTS_FILE = "few_shot_points.csv"
 CONFIG_FILE = "few_shot_config.json"
 INPUTS_FILE = "few_shot_inputs.json"  # each (checkpoint, task)'s embeddings marker time
+# ``predictor`` is part of a point's key (probe and heareval points never mix); ``skipped`` holds
+# the message of a point that cannot be drawn (k larger than a class), so a resume need not
+# re-read the embeddings to find that out again.
 POINT_FIELDS = ("checkpoint", "task", "k", "draw", "fold", "score", "metric", "C", "valid_score",
-                "n_train")
+                "n_train", "predictor", "skipped")
+LEGACY_POINT_FIELDS = POINT_FIELDS[:10]  # files written before predictor/skipped: probe points
+PREDICTORS = ("probe", "heareval")
+# Points per heareval predictions-runner call: one call pays the runner's start (torch,
+# Lightning, heareval imports: ~10 s) once for many points; a kill loses at most this many.
+HEAREVAL_BATCH = 16
+HEAREVAL_WORK = "heareval_work"  # under the output folder; each batch's folders, removed after
 EMBEDDINGS_DONE = ".done.embeddings"
 
 
@@ -163,21 +174,32 @@ def read_task_meta(task_dir: str | os.PathLike) -> TaskMeta:
     try:
         # Read as heareval reads it (pandas, then str), so that e.g. "060" is the label "60" as in heareval.
         frame = pd.read_csv(vocab_path)
-        by_idx = dict(zip((int(i) for i in frame["idx"]), frame["label"].astype(str)))
+        labels = frame["label"].astype(str)
+        by_idx = dict(zip((int(i) for i in frame["idx"]), labels))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, KeyError,
             ValueError, TypeError) as error:
         raise FewShotError(f"{vocab_path}: expected a header 'idx,label' and 'integer,label' rows "
                            f"({error!r})") from None
     if not by_idx or sorted(by_idx) != list(range(len(frame))):
         raise FewShotError(f"{vocab_path}: indices must be 0..{len(frame) - 1}")
+    if frame["label"].isna().any():
+        row = int(np.flatnonzero(frame["label"].isna())[0]) + 2
+        raise FewShotError(f"task {task_dir.name}: {vocab_path} line {row}: a label pandas reads as missing "
+                           "(empty, NA, null, ...); heareval would look it up as 'nan'")
+    duplicated = sorted(set(labels[labels.duplicated()]))
+    if duplicated:
+        # e.g. 60 and 060, both the string "60" once pandas has read them: heareval would merge them.
+        raise FewShotError(f"task {task_dir.name}: {vocab_path} lists label(s) {duplicated} more than once "
+                           "(as heareval reads them: as strings)")
     return TaskMeta(path=task_dir, name=task_dir.name, embedding_type=meta["embedding_type"],
                     prediction_type=meta["prediction_type"], split_mode=meta["split_mode"],
                     splits=tuple(meta["splits"]), evaluation=tuple(meta["evaluation"]),
                     vocabulary=tuple(by_idx[i] for i in range(len(by_idx))))
 
 
-def read_split(task: TaskMeta, split: str) -> Split:
-    """One split's embeddings (``<split>/<file>.embedding.npy``) and string labels, by file name."""
+def read_split(task: TaskMeta, split: str, embeddings: bool = True) -> Split:
+    """One split's embeddings (``<split>/<file>.embedding.npy``) and string labels, by file name;
+    ``embeddings=False``: the labels only (X has no columns), for what depends on labels alone."""
     truth = _read_json(task.path / f"{split}.json")
     if not isinstance(truth, dict) or not truth:
         raise FewShotError(f"{task.path / f'{split}.json'}: must map file names to label lists")
@@ -195,6 +217,8 @@ def read_split(task: TaskMeta, split: str) -> Split:
             raise FewShotError(f"{task.path / f'{split}.json'}: {name!r} has label(s) {unknown} not in "
                                "labelvocabulary.csv")
         labels.append(as_text)
+        if not embeddings:
+            continue
         path = task.path / split / f"{name}.embedding.npy"
         if not path.is_file():
             raise FewShotError(f"missing {path} (heareval's per-file embedding of {name!r})")
@@ -202,6 +226,8 @@ def read_split(task: TaskMeta, split: str) -> Split:
         if array.ndim != 1 or not np.isfinite(array).all():
             raise FewShotError(f"{path}: expected a finite 1-D scene embedding, got shape {array.shape}")
         arrays.append(array.astype(np.float32, copy=False))
+    if not embeddings:
+        return Split(tuple(files), tuple(labels), np.zeros((len(files), 0), dtype=np.float32))
     dims = {a.shape[0] for a in arrays}
     if len(dims) != 1:
         raise FewShotError(f"{task.path / split}: embeddings of different sizes {sorted(dims)}")
@@ -316,11 +342,12 @@ def draw_indices(labels: Sequence[tuple[str, ...]], k: int, *, seed: int, task: 
                         f"({smallest!r}: {counts[smallest]} training example(s)); point skipped")
     rng = _rng(seed, task, fold, draw)
     if not multilabel:
-        first = [l[0] for l in labels]
+        members: dict[str, list[int]] = {}  # one pass over the pool, not one per class
+        for i, label_set in enumerate(labels):
+            members.setdefault(label_set[0], []).append(i)
         chosen = []
-        for label in sorted(counts):
-            members = np.array([i for i, value in enumerate(first) if value == label])
-            chosen.extend(rng.permutation(members)[:k])
+        for label in sorted(members):
+            chosen.extend(rng.permutation(np.asarray(members[label], dtype=np.int64))[:k])
         return np.sort(np.asarray(chosen, dtype=np.int64))
     have = dict.fromkeys(counts, 0)
     chosen = []
@@ -435,52 +462,173 @@ def fit_probe(train: Split, valid: Split, test: Split, vocabulary: Sequence[str]
 
 
 # ----------------------------------------------------------------------------------------------
+# heareval's own predictor on a k-shot training set
+# ----------------------------------------------------------------------------------------------
+
+def _slug_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in text) or "_"
+
+
+def _write_heareval_split(folder: Path, name: str, split: Split) -> None:
+    """One split as heareval's embeddings runner writes it and its predictions runner reads it:
+    ``<split>.embeddings.npy`` (a raw float32 memmap), ``.embedding-dimensions.json``,
+    ``.target-labels.pkl`` (label lists), and ``<split>.json`` (the ground truth, which heareval
+    reads for event tasks only; written so that the folder says which files it holds)."""
+    memmap = np.memmap(folder / f"{name}.embeddings.npy", dtype=np.float32, mode="w+", shape=split.X.shape)
+    memmap[:] = split.X
+    memmap.flush()
+    del memmap
+    (folder / f"{name}.embedding-dimensions.json").write_text(json.dumps(list(split.X.shape)))
+    (folder / f"{name}.target-labels.pkl").write_bytes(pickle.dumps([list(l) for l in split.labels]))
+    (folder / f"{name}.json").write_text(json.dumps({f: list(l) for f, l in zip(split.files, split.labels)}))
+
+
+def write_heareval_task(meta: TaskMeta, folder: str | os.PathLike, train: Split, valid: Split,
+                        test: Split) -> Path:
+    """A heareval embeddings task folder whose train split is ``train`` (the k-shot set).
+
+    Always a ``trainvaltest`` folder: heareval's predictor then trains on exactly ``train``,
+    selects on ``valid`` and scores ``test``. For a k-fold task this is one fold's point
+    (train: the draw from that fold's training folds, valid: fold i+1, test: fold i); for a
+    task without a validation split, ``valid`` is the carved 20 % the probe also uses (heareval
+    itself cannot run such a task). The task's metadata is kept otherwise, so its own
+    ``evaluation_params`` grid and heareval's per-task grid apply as on full data."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    metadata = _read_json(meta.path / "task_metadata.json")
+    metadata.update(split_mode="trainvaltest", splits=["train", "valid", "test"])
+    (folder / "task_metadata.json").write_text(json.dumps(metadata, indent=1))
+    shutil.copyfile(meta.path / "labelvocabulary.csv", folder / "labelvocabulary.csv")
+    for name, split in (("train", train), ("valid", valid), ("test", test)):
+        _write_heareval_split(folder, name, split)
+    return folder
+
+
+def _heareval_result(folder: Path, metric: str) -> tuple[float, float]:
+    """(test score of ``metric``, validation score) from heareval's ``test.predicted-scores.json``."""
+    path = folder / "test.predicted-scores.json"
+    if not path.is_file():
+        raise FewShotError(f"heareval wrote no {path}")
+    results = _read_json(path)  # Python's json reads heareval's bare NaN / Infinity
+    test = results.get("test") if isinstance(results, dict) else None
+    if not isinstance(test, dict) or f"test_{metric}" not in test:
+        raise FewShotError(f"{path}: no 'test' entry with test_{metric}")
+    return float(test[f"test_{metric}"]), float(test.get("validation_score", math.nan))
+
+
+def heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", np.ndarray]],
+                    store: "PointStore", work: Path, options: PredictorOptions) -> int:
+    """Score ``pending`` (key, fold, k-shot indices) points with heareval's predictions runner,
+    run as :mod:`training.hear_eval` runs it (:func:`training.heareval_compat.command`, its log
+    appended to ``work/../<task>.predictions.log``); store each; the number stored.
+
+    Points that finished are stored even when a later one failed; then FewShotError names the
+    log and the folder, which is kept for inspection (otherwise it is removed)."""
+    from . import heareval_compat
+    from .hear_eval import _run_logged, _tail
+
+    batch = work / meta.name
+    if batch.exists():  # left by a killed or failed run: its points were not stored
+        shutil.rmtree(batch)
+    folders = []
+    for key, fold, index in pending:
+        _, _, k, draw, f, _ = key
+        folders.append(write_heareval_task(meta, batch / f"k{k}_draw{draw}_fold{f}" / meta.name,
+                                           fold.pool.take(index), fold.valid, fold.test))
+    log_path = work / f"{meta.name}.predictions.log"
+    argv = heareval_compat.command("predictions", [*(d.resolve() for d in folders), "--grid", options.grid,
+                                                   "--grid-points", options.grid_points])
+    code = _run_logged(argv, log_path, batch, options.timeout)  # cwd: Lightning's ./logs go in the batch
+    stored = 0
+    for (key, fold, index), folder in zip(pending, folders):
+        try:
+            score, valid_score = _heareval_result(folder, meta.metric)
+        except FewShotError as error:
+            raise FewShotError(f"task {meta.name}: heareval predictions runner (exit {code}) on {folder}: "
+                               f"{error}; see {log_path}:\n{_tail(log_path)}") from None
+        store.append(_point_row(key, meta.metric, score, math.nan, valid_score, len(index)))
+        stored += 1
+    shutil.rmtree(batch)
+    return stored
+
+
+# ----------------------------------------------------------------------------------------------
 # The resumable store of finished points
 # ----------------------------------------------------------------------------------------------
 
+PointKey = tuple[str, str, int, int, int, str]  # (checkpoint, task, k, draw, fold, predictor)
+
+
 class PointStore:
-    """Append-only CSV of finished points, one flushed line each; a line cut by a kill is dropped."""
+    """Append-only CSV of finished points (and skipped ones, with their message), one flushed
+    line each; a line cut by a kill is dropped."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.rows: dict[tuple[str, str, int, int, int], dict[str, Any]] = {}
+        self.rows: dict[PointKey, dict[str, Any]] = {}
         if self.path.is_file():
             self._load()
 
     @staticmethod
-    def key(row: Mapping[str, Any]) -> tuple[str, str, int, int, int]:
-        return (str(row["checkpoint"]), str(row["task"]), int(row["k"]), int(row["draw"]), int(row["fold"]))
+    def key(row: Mapping[str, Any]) -> PointKey:
+        return (str(row["checkpoint"]), str(row["task"]), int(row["k"]), int(row["draw"]), int(row["fold"]),
+                str(row["predictor"]))
+
+    def _header(self, data: bytes) -> tuple[str, ...]:
+        """The file's header, checked before anything is cut (a foreign file is left untouched)."""
+        first = data.split(b"\n", 1)[0]
+        try:
+            fields = tuple(next(csv.reader([first.decode()]), ()))
+        except UnicodeDecodeError:
+            fields = ()
+        if fields not in (POINT_FIELDS, LEGACY_POINT_FIELDS):
+            raise FewShotError(f"{self.path}: header {list(fields)} is not {list(POINT_FIELDS)}; "
+                               "not a few-shot points file")
+        return fields
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):  # the last line was being written when killed
-            data = data[: data.rfind(b"\n") + 1]
+        data, fields = self.path.read_bytes(), POINT_FIELDS
+        if b"\n" not in data and ",".join(POINT_FIELDS).encode().startswith(data):
+            data = b""  # killed while the header itself was being written
+        elif data:
+            fields = self._header(data)
+            if not data.endswith(b"\n"):  # the last line was being written when killed
+                data = data[: data.rfind(b"\n") + 1]
+        if len(data) != self.path.stat().st_size:
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(data))
-        reader = csv.DictReader(io.StringIO(data.decode()))
-        if data and tuple(reader.fieldnames or ()) != POINT_FIELDS:
-            raise FewShotError(f"{self.path}: header {reader.fieldnames} is not {list(POINT_FIELDS)}; "
-                               "not a few-shot points file")
-        for row in reader:
-            row = {"checkpoint": row["checkpoint"], "task": row["task"], "k": int(row["k"]),
-                   "draw": int(row["draw"]), "fold": int(row["fold"]), "score": float(row["score"]),
-                   "metric": row["metric"], "C": float(row["C"]), "valid_score": float(row["valid_score"]),
-                   "n_train": int(row["n_train"])}
+        if not data:
+            return
+        for line, row in enumerate(csv.DictReader(io.StringIO(data.decode())), start=2):
+            try:
+                row = {"checkpoint": row["checkpoint"], "task": row["task"], "k": int(row["k"]),
+                       "draw": int(row["draw"]), "fold": int(row["fold"]), "score": float(row["score"]),
+                       "metric": row["metric"], "C": float(row["C"]), "valid_score": float(row["valid_score"]),
+                       "n_train": int(row["n_train"]), "predictor": row.get("predictor") or "probe",
+                       "skipped": row.get("skipped") or ""}
+            except (TypeError, ValueError) as error:
+                raise FewShotError(f"{self.path} line {line}: not a few-shot point ({error})") from None
             self.rows[self.key(row)] = row
+        if fields == LEGACY_POINT_FIELDS:  # rewrite once in today's format (the rows are probe points)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(self._csv(self.rows.values(), True)))
 
-    def __contains__(self, key: tuple[str, str, int, int, int]) -> bool:
+    @staticmethod
+    def _csv(rows: Iterable[Mapping[str, Any]], header: bool) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=POINT_FIELDS, lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows({name: row[name] for name in POINT_FIELDS} for row in rows)
+        return buffer.getvalue()
+
+    def __contains__(self, key: PointKey) -> bool:
         return key in self.rows
 
     def append(self, row: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.is_file() or self.path.stat().st_size == 0
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=POINT_FIELDS, lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerow({name: row[name] for name in POINT_FIELDS})
         with open(self.path, "a") as handle:
-            handle.write(buffer.getvalue())  # one write: a kill leaves at most one cut line
+            handle.write(self._csv([row], new))  # one write: a kill leaves at most one cut line
             handle.flush()
         self.rows[self.key(row)] = dict(row)
 
@@ -504,7 +652,7 @@ class FewShotResult:
     summary: list[str]
     files: dict[str, Path]
     computed: int = 0
-    fits: int = 0  # probe fits (one per C per computed point)
+    fits: int = 0  # predictor fits (probe: one per C per computed point; heareval: one per grid point)
 
 
 def parse_ks(text: str | Iterable[int]) -> tuple[int, ...]:
@@ -519,19 +667,51 @@ def parse_ks(text: str | Iterable[int]) -> tuple[int, ...]:
     return tuple(ks)
 
 
-def _check_config(out_dir: Path, seed: int, Cs: Sequence[float]) -> None:
-    """Refuse to mix points of another seed or C grid into an output folder (resume safety)."""
-    config = {"seed": seed, "Cs": [float(c) for c in Cs], "predictor": "logistic-regression probe",
-              "valid_fraction_when_no_valid_split": VALID_FRACTION}
+@dataclass(frozen=True)
+class PredictorOptions:
+    """Which predictor fits each point, and its settings.
+
+    ``probe``: the linear probe, C chosen on validation among ``Cs``. ``heareval``: heareval's
+    own predictor (its predictions runner, ``--grid grid --grid-points grid_points``, the task
+    metadata's own grid applied on top, as ``hear-eval`` runs it on full data); ``timeout``
+    bounds each runner call (seconds, None: none)."""
+
+    name: str = "probe"
+    Cs: tuple[float, ...] = DEFAULT_CS
+    grid: str = "default"
+    grid_points: int = 1
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in PREDICTORS:
+            raise FewShotError(f"predictor must be one of {list(PREDICTORS)}, got {self.name!r}")
+        if self.grid_points < 1:
+            raise FewShotError(f"heareval grid points must be at least 1, got {self.grid_points}")
+
+    def settings(self) -> dict[str, Any]:
+        """What the points of this predictor depend on beyond the draws (kept in the config)."""
+        if self.name == "probe":
+            return {"Cs": [float(c) for c in self.Cs]}
+        return {"heareval_grid": {"grid": self.grid, "grid_points": self.grid_points}}
+
+
+def _check_config(out_dir: Path, seed: int, options: PredictorOptions) -> None:
+    """Refuse to mix points of another seed, C grid or heareval grid into an output folder
+    (resume safety). Probe and heareval points are told apart by their key, so both may share
+    a folder; each predictor's settings are checked against its own earlier points."""
     path = out_dir / CONFIG_FILE
-    if path.is_file():
-        saved = _read_json(path)
-        for key in ("seed", "Cs"):
-            if saved.get(key) != config[key]:
-                raise FewShotError(f"{path}: this folder holds few-shot points for {key}={saved.get(key)}, "
-                                   f"not {config[key]}; use another output folder")
-        return
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    saved = _read_json(path) if path.is_file() else {}
+    if not isinstance(saved, dict):
+        raise FewShotError(f"{path}: not a few-shot config (a JSON object)")
+    wanted = {"seed": seed, "valid_fraction_when_no_valid_split": VALID_FRACTION, **options.settings()}
+    for key, value in wanted.items():
+        if key in saved and saved[key] != value:
+            raise FewShotError(f"{path}: this folder holds few-shot points for {key}={saved[key]}, "
+                               f"not {value}; use another output folder")
+    saved.pop("predictor", None)  # written by earlier versions: "logistic-regression probe"
+    updated = {**saved, **wanted, "predictors": sorted(set(saved.get("predictors", [])) | {options.name})}
+    if updated != saved:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(updated, indent=2) + "\n"))
 
 
 def _check_inputs(out_dir: Path, chosen: Mapping[str, Mapping[str, TaskMeta]], store: "PointStore") -> None:
@@ -561,8 +741,8 @@ class _Fold:
 
 
 def _prepare_folds(meta: TaskMeta, seed: int, log: Callable[[str], None],
-                   said: dict[str, None]) -> list[_Fold]:
-    splits = {name: read_split(meta, name) for name in meta.splits}
+                   said: dict[str, None], embeddings: bool = True) -> list[_Fold]:
+    splits = {name: read_split(meta, name, embeddings) for name in meta.splits}
     dims = {s.X.shape[1] for s in splits.values()}
     if len(dims) != 1:
         raise FewShotError(f"{meta.path}: splits have embeddings of different sizes {sorted(dims)}")
@@ -586,43 +766,70 @@ def _say(log: Callable[[str], None], said: dict[str, None], message: str) -> Non
         log(message)
 
 
+def _point_row(key: PointKey, metric: str, score: float = math.nan, C: float = math.nan,
+               valid_score: float = math.nan, n_train: int = 0, skipped: str = "") -> dict[str, Any]:
+    label, task, k, draw, fold, predictor = key
+    return {"checkpoint": label, "task": task, "k": k, "draw": draw, "fold": fold, "score": score,
+            "metric": metric, "C": C, "valid_score": valid_score, "n_train": n_train,
+            "predictor": predictor, "skipped": skipped}
+
+
 def _run_task(label: str, meta: TaskMeta, ks: Sequence[int], draws: int, seed: int,
-              Cs: Sequence[float], store: PointStore, bar, log: Callable[[str], None],
+              options: PredictorOptions, store: PointStore, work: Path, bar, log: Callable[[str], None],
               said: dict[str, None]) -> int:
-    """Every missing (k, draw, fold) point of one checkpoint's task; the number computed."""
+    """Every missing (k, draw, fold) point of one checkpoint's task; the number computed.
+
+    Stored points are not redone, stored skips are said again (same messages, same order) and
+    the embeddings are read only when some point is missing. heareval points are batched
+    (:data:`HEAREVAL_BATCH`) into one predictions-runner call."""
     n_folds = len(fold_plans(meta))
-    missing = [(k, d) for k in ks for d in range(draws)
-               if any((label, meta.name, k, d, f) not in store for f in range(n_folds))]
-    bar.update(len(ks) * draws - len(missing))
-    if not missing:
-        return 0
-    folds = _prepare_folds(meta, seed, log, said)
-    score = score_function(meta.metric, meta.vocabulary)
     multilabel = meta.prediction_type == "multilabel"
+    keys = [(label, meta.name, k, d, f, options.name) for k in ks for d in range(draws) for f in range(n_folds)]
+    # Read the embeddings only if some point is missing; otherwise the labels alone say again
+    # what carving a validation split said on the first run.
+    folds = _prepare_folds(meta, seed, log, said) if any(key not in store for key in keys) else None
+    if folds is None and not fold_plans(meta)[0].valid:
+        _prepare_folds(meta, seed, log, said, embeddings=False)
+    score = None
+    pending: list[tuple[PointKey, _Fold, np.ndarray]] = []
+    waiting = 0  # (k, draw) groups whose heareval points are in ``pending``
     computed = 0
-    for k, draw in missing:
-        for fold in folds:
-            key = (label, meta.name, k, draw, fold.plan.fold)
-            if key in store:
-                continue
-            try:
-                index = draw_indices(fold.pool.labels, k, seed=seed, task=meta.name,
-                                     fold=fold.plan.fold, draw=draw, multilabel=multilabel,
-                                     where=f" (test fold {fold.plan.test[0]})" if n_folds > 1 else "")
-            except SkipPoint as skip:
-                _say(log, said, str(skip))
-                continue
-            train = fold.pool.take(index)
-            try:
-                result = fit_probe(train, fold.valid, fold.test, meta.vocabulary, meta.metric,
-                                   multilabel, Cs, score)
-            except FewShotError as error:
-                raise FewShotError(f"task {meta.name} ({meta.path}), fold {fold.plan.fold}: {error}") from None
-            store.append({"checkpoint": label, "task": meta.name, "k": k, "draw": draw,
-                          "fold": fold.plan.fold, "score": result.score, "metric": meta.metric,
-                          "C": result.C, "valid_score": result.valid_score, "n_train": len(index)})
-            computed += 1
-        bar.update(1)
+    for k in ks:
+        for draw in range(draws):
+            for f in range(n_folds):
+                key = (label, meta.name, k, draw, f, options.name)
+                if key in store:
+                    if store.rows[key]["skipped"]:
+                        _say(log, said, store.rows[key]["skipped"])
+                    continue
+                assert folds is not None  # some point is missing
+                fold = folds[f]
+                try:
+                    index = draw_indices(fold.pool.labels, k, seed=seed, task=meta.name, fold=f, draw=draw,
+                                         multilabel=multilabel,
+                                         where=f" (test fold {fold.plan.test[0]})" if n_folds > 1 else "")
+                except SkipPoint as skip:
+                    _say(log, said, str(skip))
+                    store.append(_point_row(key, meta.metric, skipped=str(skip)))
+                    continue
+                if options.name == "heareval":
+                    pending.append((key, fold, index))
+                    continue
+                score = score or score_function(meta.metric, meta.vocabulary)
+                try:
+                    result = fit_probe(fold.pool.take(index), fold.valid, fold.test, meta.vocabulary,
+                                       meta.metric, multilabel, options.Cs, score)
+                except FewShotError as error:
+                    raise FewShotError(f"task {meta.name} ({meta.path}), fold {f}: {error}") from None
+                store.append(_point_row(key, meta.metric, result.score, result.C, result.valid_score, len(index)))
+                computed += 1
+            waiting += 1
+            if options.name == "probe" or len(pending) >= HEAREVAL_BATCH or (k, draw) == (ks[-1], draws - 1):
+                if pending:
+                    computed += heareval_points(meta, pending, store, work / _slug_name(label), options)
+                    pending = []
+                bar.update(waiting)
+                waiting = 0
     return computed
 
 
@@ -661,6 +868,8 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
                  Cs: Sequence[float] = DEFAULT_CS, tasks: Iterable[str] | None = None,
                  baseline: str | None = "pretrained", compare: Sequence[str] | None = None,
                  unit: str = "subject", alpha: float = 0.05, progress: bool = True,
+                 predictor: str = "probe", heareval_grid: str = "default", heareval_grid_points: int = 1,
+                 heareval_timeout: float | None = None,
                  log: Callable[[str], None] = print) -> FewShotResult:
     """The few-shot sweep over checkpoints' heareval embeddings, resumable, then tables and plots.
 
@@ -669,8 +878,10 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
     in ``out_dir/few_shot_points.csv``; what is already there is not recomputed. ``baseline``
     (a label; None: no statistics) is compared with ``compare`` (default: every other label)
     by :func:`training.few_shot_stats.paired_stats` with ``unit`` ("subject" or "draw").
-    Returns the long table (checkpoint, task, k, draw, fold, score, metric, C, valid_score,
-    n_train) of the requested points and the outputs' paths.
+    ``predictor``: "probe" (the linear probe, C among ``Cs``) or "heareval" (heareval's own
+    predictor, ``--grid heareval_grid --grid-points heareval_grid_points``; see
+    :class:`PredictorOptions`). Returns the long table (checkpoint, task, k, draw, fold, score,
+    metric, C, valid_score, n_train, predictor) of the requested points and the outputs' paths.
     """
     from tqdm.auto import tqdm
 
@@ -678,6 +889,7 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
 
     out_dir = Path(out_dir)
     ks = parse_ks(ks)
+    options = PredictorOptions(predictor, tuple(Cs), heareval_grid, heareval_grid_points, heareval_timeout)
     if draws < 1:
         raise FewShotError(f"draws must be at least 1, got {draws}")
     if not embedding_dirs:
@@ -689,7 +901,7 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
     if not any(chosen.values()):
         raise FewShotError("no task to run: no finished scene-task embeddings in "
                            f"{[str(p) for p in embedding_dirs.values()]}")
-    _check_config(out_dir, seed, Cs)
+    _check_config(out_dir, seed, options)
     store = PointStore(out_dir / POINTS_FILE)
     _check_inputs(out_dir, chosen, store)
     total = sum(len(metas) for metas in chosen.values()) * len(ks) * draws
@@ -699,17 +911,19 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
         for label, metas in chosen.items():
             for name, meta in sorted(metas.items()):
                 bar.set_postfix_str(f"{label} {name}", refresh=False)
-                computed += _run_task(label, meta, ks, draws, seed, Cs, store, bar,
-                                      lambda m: _log_above(bar, log, m), said)
+                computed += _run_task(label, meta, ks, draws, seed, options, store, out_dir / HEAREVAL_WORK,
+                                      bar, lambda m: _log_above(bar, log, m), said)
     frame = store.frame()
     wanted = (frame["checkpoint"].isin(list(chosen)) & frame["k"].isin(ks) & (frame["draw"] < draws)
+              & (frame["predictor"] == predictor) & (frame["skipped"] == "")
               & frame.apply(lambda r: r["task"] in chosen.get(r["checkpoint"], {}), axis=1)
               if not frame.empty else pd.Series([], dtype=bool))
-    scores = frame[wanted].sort_values(["checkpoint", "task", "k", "draw", "fold"]).reset_index(drop=True)
+    scores = (frame[wanted].drop(columns="skipped").sort_values(["checkpoint", "task", "k", "draw", "fold"])
+              .reset_index(drop=True))
     outputs = few_shot_stats.write_outputs(scores, out_dir, baseline=baseline, compare=compare,
                                            unit=unit, alpha=alpha, skipped=list(said))
     return FewShotResult(out_dir, scores, list(said), outputs.stats, outputs.summary,
-                         outputs.files, computed, computed * len(Cs))
+                         outputs.files, computed, computed * (len(Cs) if predictor == "probe" else heareval_grid_points))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,6 +948,11 @@ def add_few_shot_arguments(parser: argparse.ArgumentParser, *, default_ks: str |
     group.add_argument("--few-shot-compare", default=None, metavar="LABELS",
                        help="comma-separated labels compared with the baseline, one per subject "
                             "(default: every other checkpoint)")
+    group.add_argument("--few-shot-predictor", default="probe", choices=PREDICTORS,
+                       help="probe: a linear probe, C chosen on validation (fast, the few-shot "
+                            "literature's standard); heareval: heareval's own predictor on each k-shot "
+                            "training set, with hear-eval's --grid/--grid-points (comparable with "
+                            "full-data HEAR scores; a runner call per batch of points, slow on CPU)")
     group.add_argument("--few-shot-unit", default="subject", choices=("subject", "draw"),
                        help="pairs of the Wilcoxon test: subjects' checkpoints (mean over draws and "
                             "folds; the study's) or draws (mean over the compared checkpoints)")
@@ -771,7 +990,11 @@ def run_from_args(args: argparse.Namespace, embedding_dirs: Mapping[str, str | o
                if args.few_shot_compare else None)
     return run_few_shot(embedding_dirs, out_dir, parse_ks(args.few_shot), args.draws,
                         args.few_shot_seed, tasks=tasks, baseline=baseline, compare=compare,
-                        unit=args.few_shot_unit, progress=getattr(args, "few_shot_progress", True), log=log)
+                        unit=args.few_shot_unit, progress=getattr(args, "few_shot_progress", True),
+                        predictor=getattr(args, "few_shot_predictor", "probe"),
+                        # hear-eval's own predictor settings, so that heareval points match its full-data run
+                        heareval_grid=getattr(args, "grid", "default"),
+                        heareval_grid_points=getattr(args, "grid_points", 1), log=log)
 
 
 def _parse_embedding_dir(text: str) -> tuple[str, Path]:
@@ -788,6 +1011,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="heareval --embeddings-dir of each checkpoint (label: the folder's name)")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     add_few_shot_arguments(parser, default_ks=",".join(map(str, DEFAULT_KS)))
+    parser.add_argument("--grid", default="default", choices=("default", "fast", "faster"),
+                        help="heareval's --grid for --few-shot-predictor heareval (default: default)")
+    parser.add_argument("--grid-points", type=int, default=1,
+                        help="heareval's --grid-points for --few-shot-predictor heareval (default 1)")
     parser.add_argument("--no-progress", dest="few_shot_progress", action="store_false",
                         help="no progress bar")
     args = parser.parse_args(argv)

@@ -284,7 +284,8 @@ def _refit(design: _Design, y: np.ndarray, alphas: np.ndarray) -> np.ndarray:
     return design.x.T @ (u @ weights)
 
 
-def _fit_himalaya(design: _Design, y: np.ndarray, folds, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_himalaya(design: _Design, y: np.ndarray, folds, alphas: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same fit through :class:`himalaya.ridge.RidgeCV` (or ``KernelRidgeCV``, linear kernel,
     when there are more columns than TRs): it refits every fold, at a cost that grows with
     ``n_alphas * n_columns^2 * n_TR``; numerically the same model."""
@@ -303,7 +304,8 @@ def _fit_himalaya(design: _Design, y: np.ndarray, folds, alphas: np.ndarray) -> 
             solver = RidgeCV(alphas=alphas, cv=list(folds), fit_intercept=False)
             solver.fit(design.x, y)
             coef = np.asarray(solver.coef_, dtype=np.float64)
-    return coef, np.asarray(solver.best_alphas_, dtype=np.float64), np.asarray(solver.cv_scores_, dtype=np.float64).ravel()
+    best = np.asarray(solver.best_alphas_, dtype=np.float64)
+    return coef, best, np.asarray(solver.cv_scores_, dtype=np.float64).ravel()
 
 
 SOLVERS = ("eigen", "himalaya")
