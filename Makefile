@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 REPORT ?= report
 
-.PHONY: setup demo test bench lock
+.PHONY: setup demo test bench bench-scale lock
 
 setup:
 	@bash scripts/setup_env.sh
@@ -17,6 +17,12 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_embeddings.py
 	$(PY) benchmarks/bench_training.py
+
+# One CNeuroMod subject's worth of synthetic data (36 h of audio, 87,000 TRs, 1000 parcels):
+# generate, decode, one head-only and one conv4 epoch; peak RSS and seconds per stage. About an
+# hour and 15 GB of disk the first time (data/scale); see benchmarks/README.md.
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --threads 2
 
 # Refresh requirements.lock from the current venv (after changing a version on purpose).
 lock:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_embedding_task(root: Path, name: str, splits: dict, *, vocabulary, evaluation=("top1_acc",),
                          prediction_type="multiclass", split_mode="trainvaltest",
-                         embedding_type="scene", module="hear_module") -> Path:
+                         embedding_type="scene", module="hear_module", evaluation_params=None) -> Path:
     """``root/<module>/<name>/`` as heareval's embeddings runner writes it.
 
     ``splits``: {split: (files, labels (lists, may hold ints), X (n, dim))}."""
@@ -34,6 +34,8 @@ def write_embedding_task(root: Path, name: str, splits: dict, *, vocabulary, eva
     meta = {"task_name": name.split("-")[0], "version": "v1", "embedding_type": embedding_type,
             "prediction_type": prediction_type, "split_mode": split_mode, "splits": list(splits),
             "sample_duration": 1.0, "evaluation": list(evaluation)}
+    if evaluation_params:
+        meta["evaluation_params"] = evaluation_params
     (task / "task_metadata.json").write_text(json.dumps(meta))
     (task / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocabulary)))
     for split, (files, labels, X) in splits.items():
@@ -253,6 +255,20 @@ def test_multilabel_task_draws_k_per_label_and_scores_map(tmp_path):
     assert means[8] > 0.85 and means[8] > means[1]
 
 
+@pytest.mark.parametrize("labels, clash", [(["60", "060", "61"], "60"), (["a", "7", "07.0"], None),
+                                           (["x", "y", "x"], "x")])
+def test_vocabulary_labels_that_collide_as_strings_are_refused(tmp_path, labels, clash):
+    """pandas reads 60 and 060 both as 60: heareval would merge the two labels."""
+    task = separable_task(tmp_path / "emb", True, train=2, valid=1, test=1)
+    (task / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(labels)))
+    if clash is None:  # a column with text is read as text: 7 and 07.0 stay apart
+        assert read_task_meta(task).vocabulary == tuple(labels)
+        return
+    with pytest.raises(FewShotError, match=rf"task sep-v1-full: .*labelvocabulary\.csv lists label\(s\) "
+                                           rf"\['{clash}'\] more than once \(as heareval reads them: as strings\)"):
+        read_task_meta(task)
+
+
 def test_event_tasks_and_bad_folders_give_clear_messages(tmp_path):
     separable_task(tmp_path / "emb", True, embedding_type="event", name="ev-v1-full")
     with pytest.raises(FewShotError, match="no task to run"):
@@ -312,6 +328,69 @@ def test_point_store_rejects_a_foreign_file(tmp_path):
         PointStore(tmp_path / "x.csv")
 
 
+def test_point_store_checks_the_header_before_cutting_anything(tmp_path):
+    # No trailing newline: a points file would lose its cut last line, a foreign one nothing.
+    foreign = b"name,size\nreport.pdf,120\nnotes.txt,4"
+    (tmp_path / "x.csv").write_bytes(foreign)
+    with pytest.raises(FewShotError, match=r"x\.csv: header \['name', 'size'\] .* not a few-shot points file"):
+        PointStore(tmp_path / "x.csv")
+    assert (tmp_path / "x.csv").read_bytes() == foreign
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(FewShotError, match="not a few-shot points file"):
+        PointStore(tmp_path / "bin.csv")
+    assert (tmp_path / "bin.csv").read_bytes() == b"\xff\xfe\x00binary"
+    # A points file cut by a kill (its header included) loses only the cut part.
+    cut = ",".join(few_shot.POINT_FIELDS).encode()[:20]
+    (tmp_path / "cut.csv").write_bytes(cut)
+    assert PointStore(tmp_path / "cut.csv").rows == {} and (tmp_path / "cut.csv").read_bytes() == b""
+
+
+def test_point_store_reads_files_written_before_the_predictor_column(tmp_path):
+    legacy = ",".join(few_shot.LEGACY_POINT_FIELDS) + "\nm,t,2,1,0,0.75,top1_acc,0.1,0.5,8\n"
+    (tmp_path / "p.csv").write_text(legacy)
+    store = PointStore(tmp_path / "p.csv")
+    assert list(store.rows) == [("m", "t", 2, 1, 0, "probe")]
+    assert store.rows[("m", "t", 2, 1, 0, "probe")]["score"] == 0.75
+    assert (tmp_path / "p.csv").read_text().splitlines() == [",".join(few_shot.POINT_FIELDS),
+                                                              "m,t,2,1,0,0.75,top1_acc,0.1,0.5,8,probe,"]
+
+
+def test_skipped_points_are_stored_so_a_resume_reads_no_embeddings(tmp_path, monkeypatch):
+    separable_task(tmp_path / "emb", True, train={"a": 6, "b": 6, "c": 3, "d": 6}, valid=4, test=4)
+    first_messages = []
+    first = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(2, 4, 8), draws=2, baseline=None,
+                         progress=False, log=first_messages.append)
+    stored = PointStore(tmp_path / "out" / few_shot.POINTS_FILE)
+    skips = {key: row["skipped"] for key, row in stored.rows.items() if row["skipped"]}
+    assert sorted(key[2:4] for key in skips) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    assert skips[("m", "sep-v1-full", 8, 1, 0, "probe")] == (
+        "task sep-v1-full: k=8 is larger than the smallest class ('c': 3 training example(s)); point skipped")
+    md = (tmp_path / "out" / "few_shot.md").read_text()
+    reads = []
+    real = few_shot.read_split
+    monkeypatch.setattr(few_shot, "read_split", lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    again_messages = []
+    again = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(2, 4, 8), draws=2, baseline=None,
+                         progress=False, log=again_messages.append)
+    assert reads == [] and again.computed == 0
+    assert again_messages == first_messages and again.skipped == first.skipped
+    assert (tmp_path / "out" / "few_shot.md").read_text() == md
+    pd.testing.assert_frame_equal(again.scores, first.scores)
+    assert set(again.scores["k"]) == {2}  # skips are not scores
+
+
+def test_a_task_without_validation_split_says_so_again_on_resume_from_labels_alone(tmp_path, monkeypatch):
+    separable_task(tmp_path / "emb", True, train=10, valid=0, test=4)
+    first = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1, 9), draws=1, baseline=None,
+                         progress=False, log=quiet)
+    loaded = []
+    monkeypatch.setattr(few_shot.np, "load", lambda *a, **k: loaded.append(a) or np.zeros(1))
+    again = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1, 9), draws=1, baseline=None,
+                         progress=False, log=quiet)
+    assert loaded == [] and again.skipped == first.skipped
+    assert any("no validation split" in m for m in again.skipped) and any("k=9 is larger" in m for m in again.skipped)
+
+
 # ---- statistics --------------------------------------------------------------------------------
 
 def synthetic_scores(effect: float, n_subjects: int, tasks=("t1", "t2", "t3"), draws=3, seed=0) -> pd.DataFrame:
@@ -355,6 +434,23 @@ def test_stats_say_when_there_are_too_few_subjects():
     assert (draws["n_pairs"] == 8).all() and draws["improved"].all()
 
 
+def test_stats_name_a_checkpoint_with_no_draws_in_common_with_the_baseline():
+    scores = synthetic_scores(0.05, 7, tasks=("t",), draws=3)
+    # sub-00's draws are 3..5, the baseline's 0..2: nothing to pair, it is left out and named.
+    apart = pd.concat([scores[scores["checkpoint"] != "sub-00"],
+                       scores[scores["checkpoint"] == "sub-00"].assign(draw=lambda f: f["draw"] + 3)])
+    table = few_shot_stats.paired_stats(apart, "pretrained")
+    assert (table["n_pairs"] == 6).all() and table["mean_diff"].notna().all()
+    assert set(table["note"]) == {"no draws in common with pretrained: sub-00 (left out)"}
+    assert table["improved"].all()  # the other 6 subjects still give a test
+    alone = few_shot_stats.paired_stats(apart, "pretrained", ["sub-00"])
+    assert (alone["n_pairs"] == 0).all() and alone["p"].isna().all() and alone["mean_diff"].isna().all()
+    assert set(alone["note"]) == {"no draws in common with pretrained: sub-00 (left out)"}
+    assert "1 task(s) without a test: no draws in common with pretrained: sub-00" in few_shot_stats.summary_lines(alone)[0]
+    by_draw = few_shot_stats.paired_stats(apart, "pretrained", ["sub-00"], unit="draw")
+    assert (by_draw["n_pairs"] == 0).all() and set(by_draw["note"]) == set(alone["note"])
+
+
 def test_stats_average_folds_within_a_draw_and_pair_only_common_draws():
     scores = synthetic_scores(0.05, 6, tasks=("t",), draws=2)
     twice = pd.concat([scores, scores.assign(fold=1, score=scores["score"] + 0.1)])
@@ -389,6 +485,83 @@ def test_end_to_end_from_heareval_embeddings_runner_and_the_command_line(tmp_pat
     assert set(scores["task"]) == {"synth_scene-v1-full"} and set(scores["metric"]) == {"top1_acc"}
     # Four distinct synthetic scene classes: well above chance (0.25) from 4 examples each.
     assert scores.query("k == 4")["score"].mean() >= 0.75
+
+
+def test_heareval_predictor_trains_on_the_probes_k_shot_files(tmp_path, monkeypatch):
+    """heareval's own predictor end to end (its real predictions runner, hear-eval's tiny grid)
+    on the very files the probe drew; both predictors' points share the folder, never mix."""
+    from training.hear_eval import SUITES
+
+    task = separable_task(tmp_path / "emb", True, train=5, valid=3, test=6, dim=8,
+                          evaluation_params={"task_specific_param_grid": SUITES["tiny"]["grid"]})
+    dirs = {"m": tmp_path / "emb"}
+    probe_files = {}
+    real_fit = few_shot.fit_probe
+    monkeypatch.setattr(few_shot, "fit_probe", lambda train, *a, **k: probe_files.setdefault(
+        len(train.files) // 4, train.files) and real_fit(train, *a, **k))
+    probe = run_few_shot(dirs, tmp_path / "out", ks=(1, 3), draws=1, baseline=None, progress=False, log=quiet)
+    written = {}
+    real_write = few_shot.write_heareval_task
+
+    def keep_a_copy(meta, folder, train, valid, test):
+        folder = real_write(meta, folder, train, valid, test)
+        k = len(train.files) // 4
+        shape = tuple(json.loads((folder / "train.embedding-dimensions.json").read_text()))
+        written[k] = (json.loads((folder / "train.json").read_text()),
+                      np.array(np.memmap(folder / "train.embeddings.npy", dtype=np.float32, mode="r", shape=shape)),
+                      pickle.loads((folder / "train.target-labels.pkl").read_bytes()),
+                      json.loads((folder / "task_metadata.json").read_text()))
+        return folder
+
+    monkeypatch.setattr(few_shot, "write_heareval_task", keep_a_copy)
+    result = run_few_shot(dirs, tmp_path / "out", ks=(1, 3), draws=1, baseline=None, progress=False,
+                          log=quiet, predictor="heareval", heareval_grid_points=1)
+    assert result.computed == 2 and set(result.scores["predictor"]) == {"heareval"}
+    assert ((result.scores["score"] >= 0) & (result.scores["score"] <= 1)).all(), result.scores
+    assert list(result.scores["n_train"]) == [4, 12] and result.scores["C"].isna().all()
+    for k in (1, 3):
+        truth, X, labels, meta = written[k]
+        assert tuple(truth) == probe_files[k] and len(truth) == 4 * k  # the probe's very files
+        assert labels == [[f.split("_")[1]] for f in truth]
+        assert np.array_equal(X, np.stack([np.load(task / "train" / f"{f}.embedding.npy") for f in truth]))
+        assert meta["split_mode"] == "trainvaltest"
+        assert meta["evaluation_params"]["task_specific_param_grid"]["max_epochs"] == [15]  # the task's grid
+    work = tmp_path / "out" / few_shot.HEAREVAL_WORK / "m"
+    assert not (work / "sep-v1-full").exists()  # the batch's folders are removed, its log kept
+    assert "Final Test Results" in (work / "sep-v1-full.predictions.log").read_text()
+    # Both predictors' points are kept, each run reports its own.
+    store = PointStore(tmp_path / "out" / few_shot.POINTS_FILE)
+    assert sorted(key[-1] for key in store.rows) == ["heareval"] * 2 + ["probe"] * 2
+    assert "heareval predictor" in (tmp_path / "out" / "few_shot.md").read_text()
+    again = run_few_shot(dirs, tmp_path / "out", ks=(1, 3), draws=1, baseline=None, progress=False, log=quiet)
+    assert again.computed == 0 and set(again.scores["predictor"]) == {"probe"}
+    pd.testing.assert_frame_equal(again.scores, probe.scores)
+    with pytest.raises(FewShotError, match=r"heareval_grid=\{'grid': 'default', 'grid_points': 1\}, not"):
+        run_few_shot(dirs, tmp_path / "out", ks=(1,), draws=1, baseline=None, progress=False, log=quiet,
+                     predictor="heareval", heareval_grid_points=2)
+
+
+def test_a_failed_heareval_run_names_its_log_and_keeps_finished_points(tmp_path, monkeypatch):
+    import training.heareval_compat as compat
+
+    separable_task(tmp_path / "emb", True, train=4, valid=2, test=2)
+    # A runner that fails at once, writing no scores (what a crashed heareval leaves).
+    monkeypatch.setattr(compat, "command", lambda runner, args: [
+        sys.executable, "-c", "import sys; print('predictor crashed: out of memory'); sys.exit(3)"])
+    with pytest.raises(FewShotError, match=r"(?s)task sep-v1-full: heareval predictions runner \(exit 3\) on "
+                                           r".*k1_draw0_fold0.*wrote no .*test\.predicted-scores\.json.*"
+                                           r"sep-v1-full\.predictions\.log.*predictor crashed: out of memory"):
+        run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1,), draws=1, baseline=None,
+                     progress=False, log=quiet, predictor="heareval")
+    kept = tmp_path / "out" / few_shot.HEAREVAL_WORK / "m" / "sep-v1-full" / "k1_draw0_fold0" / "sep-v1-full"
+    assert (kept / "train.embeddings.npy").is_file()  # left for inspection
+    assert PointStore(tmp_path / "out" / few_shot.POINTS_FILE).rows == {}
+    with pytest.raises(FewShotError, match=r"heareval grid must be one of \['default', 'fast', 'faster'\], got 'huge'"):
+        run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out2", ks=(1,), baseline=None, progress=False,
+                     log=quiet, predictor="heareval", heareval_grid="huge")
+    with pytest.raises(FewShotError, match=r"predictor must be one of \['probe', 'heareval'\], got 'mlp'"):
+        run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out2", ks=(1,), baseline=None, progress=False,
+                     log=quiet, predictor="mlp")
 
 
 def test_probe_in_the_span_of_the_training_rows_equals_the_full_fit():
@@ -430,6 +603,22 @@ def test_hear_eval_style_arguments(known_answer, tmp_path):
     pd.testing.assert_frame_equal(got.scores, expected)
     assert set(got.stats["unit"]) == {"draw"} and (got.stats["n_pairs"] == 2).all()
     assert got.summary[0].startswith("k=1: improved significantly on 0 of 1 tasks")
+
+
+def test_hear_eval_passes_the_predictor_and_its_own_grid(monkeypatch, tmp_path):
+    """``hear-eval ... --few-shot-predictor heareval`` runs heareval's predictor with the
+    ``--grid`` / ``--grid-points`` of the full-data run, so the two are comparable."""
+    from training.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(few_shot, "run_few_shot", lambda *a, **k: seen.update(k) or "ran")
+    args = build_parser().parse_args(["hear-eval", "x", "--few-shot", "1,2", "--grid", "fast", "--grid-points", "3",
+                                      "--few-shot-predictor", "heareval"])
+    assert few_shot.run_from_args(args, {"x": tmp_path}, tmp_path / "fs") == "ran"
+    assert (seen["predictor"], seen["heareval_grid"], seen["heareval_grid_points"]) == ("heareval", "fast", 3)
+    default = build_parser().parse_args(["hear-eval", "x", "--few-shot", "1"])
+    few_shot.run_from_args(default, {"x": tmp_path}, tmp_path / "fs")
+    assert (seen["predictor"], seen["heareval_grid"], seen["heareval_grid_points"]) == ("probe", "default", 1)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -80,7 +80,7 @@ def test_summary_numbers_in_the_report_match_the_tables(job):
     work, report, readme = job
     summary = read_table(work / "evaluation" / "summary.csv")
     text = readme.read_text()
-    assert set(summary["model"]) == {"head", "conv4", "null", "group"}
+    assert set(summary["model"]) == {"head", "conv4", "null", "group", "ridge-conv7", "ridge-log-mel", "oracle"}
     for _, row in summary.iterrows():
         assert f"{row['mean_r']:.3f}" in text
         assert 0 < row["ceiling_fraction_r"] < 1.5
@@ -161,36 +161,38 @@ def test_experiment_values_not_comments_fingerprint_a_work_folder(job, tmp_path,
         run_main_job(work, report, size="tiny", seed=0, progress=False)
 
 
-def test_claims_are_computed_from_the_comparisons():
-    """The report's claims on hand-made comparison tables: a significant gain in one auditory
-    parcel per subject makes the conv4 claim hold; a noise parcel at r = 0.2 breaks the noise one."""
-    import pandas as pd
-
-    from training.evaluate import HeldOutResults
+def test_claims_are_computed_from_the_results():
+    """The report's claims on hand-made scores: conv4 better than head in every held-out run makes
+    that claim hold with k of N parcels; a baseline that wins makes its claim fail and say so;
+    a noise parcel at r = 0.2 breaks the noise claim."""
+    from training.evaluate import EncodingScores, results_from_scores
     from training.report import check_claims
 
-    rows = []
-    for subject in ("sub-01", "sub-02"):
-        for candidate, diff, gain in (("conv4", 0.05, [True, False]), ("null", -0.2, [False, False])):
-            for metric in ("r", "r2"):
-                for target, kind, g in (("a1", "auditory", gain[0]), ("a2", "auditory", gain[1]),
-                                        ("n1", "noise", False)):
-                    rows.append({"subject": subject, "baseline": "head", "candidate": candidate,
-                                 "metric": metric, "target": target, "kind": kind,
-                                 "mean_baseline": 0.5, "mean_candidate": 0.5 + diff, "mean_diff": diff,
-                                 "median_diff": diff, "significant": g, "gain": g})
-    summary = pd.DataFrame({"subject": ["sub-01", "sub-02"], "model": ["head", "head"],
-                            "mean_r_noise": [0.02, 0.2], "ceiling_fraction_r": [0.6, 0.7]})
-    claims = check_claims(HeldOutResults({}, pd.DataFrame(rows), summary))
-    by_text = {c.statement.split(" (")[0]: c for c in claims}
-    gain = [c for c in claims if c.statement.startswith("conv4 beats head")]
-    assert len(gain) == 2 and all(c.holds for c in gain)  # r2 and r
-    assert "sub-01: 1/2 auditory parcels (mean r2 gain +0.050)" in gain[0].evidence
-    assert by_text["the random-init null does worse than head"].holds
+    rng = np.random.default_rng(0)
+    runs = [f"s03e{i:02d}a" for i in range(1, 13)]
+    targets, kinds = ["a1", "a2", "n1"], ["auditory", "auditory", "noise"]
+    base = rng.uniform(0.3, 0.5, size=(12, 3))
+    base[:, 2] = rng.normal(0, 0.02, size=12)
+    models = {"head": base, "conv4": base + np.array([0.1, 0.1, 0.0]) + rng.normal(0, 0.01, (12, 3)),
+              "ridge-log-mel": base + np.array([0.2, 0.2, 0.0]) + rng.normal(0, 0.01, (12, 3))}
+    scores = {}
+    for subject, noise_shift in (("sub-01", 0.0), ("sub-02", 0.2)):
+        for model, r in models.items():
+            r = r.copy()
+            r[:, 2] += noise_shift if model == "conv4" else 0.0
+            scores[(model, subject)] = EncodingScores(model, runs, targets, r, r - 0.2)
+    results = results_from_scores(scores, comparisons=[("head", "conv4"), ("ridge-log-mel", "conv4")],
+                                  kinds=kinds)
+    claims = check_claims(results)
+    head = [c for c in claims if c.statement.startswith("conv4 beats head-only")]
+    assert len(head) == 2 and all(c.holds for c in head)  # r and r2
+    assert "significant gain in 2 of 2 auditory parcels" in head[0].evidence
+    assert "pooled p = 0.00049 over 12 runs" in head[0].evidence
+    mel = [c for c in claims if c.statement.startswith("conv4 beats a ridge on a 64-band log-mel")]
+    assert len(mel) == 2 and not any(c.holds for c in mel) and "loss in 2" in mel[0].evidence
     noise = [c for c in claims if c.statement.startswith("pure-noise")][0]
-    assert not noise.holds and "+0.200" in noise.evidence
-    ceiling = [c for c in claims if "noise ceiling" in c.statement][0]
-    assert "65%" in ceiling.statement  # mean over subjects of the medians
+    assert not noise.holds and "conv4, sub-02" in noise.evidence
+    assert all("conditional on one fitted model per condition" in c.statement for c in head)
 
 
 def test_few_shot_curves_reuse_the_hear_embeddings(job):
@@ -206,3 +208,56 @@ def test_few_shot_curves_reuse_the_hear_embeddings(job):
     per_checkpoint = [set(map(tuple, part[keys].values)) for _, part in points.groupby("checkpoint")]
     assert per_checkpoint[0] == per_checkpoint[1]  # paired: the same points for both
     assert "too few pairs for a test" in readme.read_text()
+
+
+def test_ridge_baselines_and_held_out_ceilings_are_in_the_evaluation(job):
+    """The ridge baselines (frozen pretrained conv7, log-mel, the oracle) are scored beside the
+    trained models; the noise ceilings are those of the held-out runs; the claims cover them."""
+    from training.evaluate import held_out_noise_ceiling
+
+    work, _, readme = job
+    state = json.loads((work / "main_job.json").read_text())
+    timings = state["steps"]["ridge baselines"]["ridge_seconds"]
+    assert set(timings) == {"ridge-conv7", "ridge-log-mel", "oracle"}
+    summary = read_table(work / "evaluation" / "summary.csv")
+    assert {"ridge-conv7", "ridge-log-mel", "oracle", "head", "conv4", "null", "group"} <= set(summary["model"])
+    auditory = summary.pivot(index="subject", columns="model", values="mean_r_auditory")
+    assert (auditory["oracle"] > auditory["head"] + 0.1).all()  # the true features bound the rest
+    comparisons = read_table(work / "evaluation" / "comparisons.csv")
+    rows = comparisons[(comparisons["subject"] == "sub-01") & (comparisons["metric"] == "r")
+                       & (comparisons["baseline"] == "head") & (comparisons["candidate"] == "conv4")]
+    ceiling = held_out_noise_ceiling(work / "data", "sub-01", ["s03e01a", "s03e01b"])
+    np.testing.assert_allclose(rows["ceiling_r"], ceiling["r"], atol=1e-9)
+    text = readme.read_text()
+    assert "### Per subject over the auditory parcels" in text
+    assert "conv4 beats a ridge on a 64-band log-mel spectrogram" in text
+    assert "conditional on one fitted model per condition" in text
+
+
+def test_seeds_add_runs_with_their_own_seed(tmp_path):
+    from training.cli import MainJob
+
+    job = MainJob(tmp_path, tmp_path / "report", "tiny", 0, 1, False, seeds=3)
+    runs = job.runs()
+    assert {"sub-01_conv4_seed1", "sub-01_conv4_seed2", "sub-02_null_seed2"} <= set(runs)
+    assert not any(name.startswith("group") and "seed" in name for name in runs)
+    assert job.config("sub-01_conv4_seed2", "conv4", ["sub-01"]).run.seed == 2
+    assert job.config("sub-01_conv4", "conv4", ["sub-01"]).run.seed == 0
+    with pytest.raises(SystemExit, match="at least 1 seed"):
+        MainJob(tmp_path, tmp_path / "report", "tiny", 0, 1, False, seeds=0)
+
+
+def test_seed_spread_summarises_each_condition_over_its_seeds():
+    import pandas as pd
+
+    from training.report import seed_spread
+
+    summary = pd.DataFrame({"subject": ["sub-01"] * 4, "model": ["conv4", "conv4@seed1", "conv4@seed2", "head"],
+                            "mean_r_auditory": [0.60, 0.62, 0.58, 0.55], "mean_r2_auditory": [0.3, 0.32, 0.28, 0.25]})
+    spread = seed_spread(summary)
+    assert len(spread) == 1
+    row = spread.iloc[0]
+    assert row["model"] == "conv4" and row["seeds"] == 3
+    assert row["mean_r_auditory_mean"] == pytest.approx(0.60)
+    assert row["mean_r_auditory_sd"] == pytest.approx(0.02)
+    assert (row["mean_r2_auditory_min"], row["mean_r2_auditory_max"]) == (0.28, 0.32)

@@ -8,6 +8,7 @@ Commands::
     evaluate    score trained runs on their held-out runs, compare them, draw brain maps
     hear-eval   run heareval over checkpoints and a tasks dir, aggregate the scores
     publish     export a run as a HEAR checkpoint / upload it    (training.publish)
+    brain-score held-out encoding score of any HEAR module, ridge (training.brain_score)
 
 The main job (``python -m training main``) is resumable: each finished step is recorded in
 ``<workdir>/main_job.json`` and skipped when the command is run again (training runs and
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hear_brainsoundnet.checkpoints import atomic_write
 
@@ -34,6 +35,13 @@ from hear_brainsoundnet.checkpoints import atomic_write
 
 CONDITIONS = ("head", "conv4", "null")  # the baseline, the study's main model, the null
 GROUP_CONDITION = "conv4"
+# Lagged ridge encoding models fitted next to the trained ones (training.brain_score.BASELINES):
+# frozen pretrained conv7, a log-mel spectrogram, the synthetic data's true features.
+RIDGE_BASELINES = ("ridge-conv7", "ridge-log-mel", "oracle")
+# (baseline, candidate) pairs compared per subject on the held-out runs.
+COMPARISONS = (("head", "conv4"), ("ridge-conv7", "conv4"), ("ridge-log-mel", "conv4"), ("conv4", "oracle"),
+               ("head", "null"), ("null", "ridge-conv7"), ("null", "ridge-log-mel"), ("head", "group"),
+               ("conv4", "group"))
 
 
 # The experiment files the main job trains (the repository's configs/; a wheel carries them as
@@ -131,15 +139,21 @@ class Progress:
         self.bar.close()
 
 
-def synthetic_ground_truth(root: str | os.PathLike, subjects: Sequence[str]):
-    """(noise ceilings ``{subject: {"r": ..., "r2": ...}}``, parcel kinds, atlas path) of the
-    synthetic dataset at ``root``."""
+def synthetic_ground_truth(root: str | os.PathLike, held_out: Mapping[str, Sequence[str]]):
+    """(noise ceilings ``{subject: {"r": ..., "r2": ...}}`` on each subject's held-out runs
+    ``held_out[subject]``, parcel kinds, atlas path) of the synthetic dataset at ``root``."""
+    from training.evaluate import held_out_noise_ceiling
     from training.synthetic import SyntheticDataset
 
     dataset = SyntheticDataset.load(root)
     kinds = [parcel["kind"] for parcel in dataset.ground_truth()["parcels"]]
-    ceilings = {s: {m: dataset.noise_ceiling(s, m) for m in ("r", "r2")} for s in subjects}
+    ceilings = {s: held_out_noise_ceiling(root, s, runs) for s, runs in held_out.items()}
     return ceilings, kinds, dataset.atlas
+
+
+def held_out_runs(splits) -> dict[str, list[str]]:
+    """Each subject's held-out runs in ``splits`` (:class:`training.batches.DataSplits`)."""
+    return {s: [e.name for e in splits.test if s in e.targets] for s in splits.target_names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,9 +164,12 @@ class MainJob:
     """The end-to-end demonstration on the embedded synthetic dataset (see :func:`run_main_job`)."""
 
     def __init__(self, workdir: Path, report_dir: Path, size: str, seed: int, threads: int,
-                 progress: bool):
+                 progress: bool, seeds: int = 1):
         if size not in SIZES:
             raise SystemExit(f"--size {size!r}: choose one of {', '.join(SIZES)}")
+        if seeds < 1:
+            raise SystemExit(f"--seeds {seeds}: train each condition with at least 1 seed")
+        self.seeds = seeds
         self.workdir, self.report_dir = workdir, report_dir
         self.size, self.spec, self.seed, self.threads = size, SIZES[size], seed, threads
         self.progress_enabled = progress
@@ -176,7 +193,7 @@ class MainJob:
         if not path.is_file():
             raise SystemExit(f"{path}: missing; the main job trains the experiment files of the "
                              "repository's configs/ folder (installed as training/configs)")
-        values = {"run.name": name, "run.out_dir": str(self.runs_dir), "run.seed": self.seed,
+        values = {"run.name": name, "run.out_dir": str(self.runs_dir), "run.seed": self.run_seed(name),
                   "run.threads": self.threads, "run.progress": self.progress_enabled,
                   "data.source": "synthetic", "data.root": str(self.data_dir),
                   "data.synthetic_size": self.spec.data_size, "data.synthetic_seed": self.seed,
@@ -190,8 +207,19 @@ class MainJob:
         for subject in self.subjects():
             for condition in CONDITIONS:
                 runs[f"{subject}_{condition}"] = (condition, [subject])
+                for seed in self.extra_seeds():  # --seeds N: the same run with other seeds
+                    runs[f"{subject}_{condition}_seed{seed}"] = (condition, [subject])
         runs[f"group_{GROUP_CONDITION}"] = ("group", self.subjects())
         return runs
+
+    def extra_seeds(self) -> list[int]:
+        """The seeds after ``--seed`` that ``--seeds N`` adds (run names end in ``_seed<k>``)."""
+        return [self.seed + k for k in range(1, self.seeds)]
+
+    def run_seed(self, name: str) -> int:
+        """``run.seed`` of the run ``name``."""
+        head, _, tail = name.rpartition("_seed")
+        return int(tail) if head and tail.isdigit() else self.seed
 
     def hear_checkpoints(self) -> list[str]:
         """Run names exported as HEAR checkpoints: the brain-aligned (conv4) models."""
@@ -227,9 +255,23 @@ class MainJob:
             exported[name] = str(export(self.runs_dir / name, folder).checkpoint)
         return {"checkpoints": exported}
 
+    def step_ridge(self, log: Callable[[str], None]) -> dict[str, Any]:
+        """Ridge baselines (:data:`RIDGE_BASELINES`) fitted on the training and validation runs,
+        with the head's lags (``model.kernel_trs``), scored on the held-out runs."""
+        from training.batches import load_splits
+        from training.brain_score import baseline_scores
+        from training.evaluate import results_from_scores
+
+        config = self.config("evaluation", "head", self.subjects())
+        scores, seconds = baseline_scores(config, load_splits(config), labels=RIDGE_BASELINES,
+                                          threads=self.threads or None, log=log)
+        results_from_scores(scores).save(self.workdir / "ridge")
+        return {"ridge_seconds": {label: {k: round(v, 2) for k, v in timing.items()}
+                                  for label, timing in seconds.items()}}
+
     def step_evaluate(self, log: Callable[[str], None]) -> dict[str, Any]:
         from training.batches import load_splits
-        from training.evaluate import evaluate_models
+        from training.evaluate import HeldOutResults, evaluate_models, results_from_scores
 
         subjects = self.subjects()
         config = self.config("evaluation", "head", subjects)
@@ -237,10 +279,14 @@ class MainJob:
         models = {c: {s: self.runs_dir / f"{s}_{c}" / "best.safetensors" for s in subjects}
                   for c in CONDITIONS}
         models["group"] = {s: self.runs_dir / f"group_{GROUP_CONDITION}" / "best.safetensors" for s in subjects}
-        ceilings, kinds, _ = synthetic_ground_truth(self.data_dir, subjects)
-        results = evaluate_models(models, splits.test, splits.tr, ceilings=ceilings, kinds=kinds,
-                                  comparisons=[("head", "conv4"), ("head", "null"), ("head", "group"),
-                                               ("conv4", "group")], log=log)
+        for seed in self.extra_seeds():  # scored as "<condition>@seed<k>", compared with nothing
+            models.update({f"{c}@seed{seed}": {s: self.runs_dir / f"{s}_{c}_seed{seed}" / "best.safetensors"
+                                               for s in subjects} for c in CONDITIONS})
+        ceilings, kinds, _ = synthetic_ground_truth(self.data_dir, held_out_runs(splits))
+        trained = evaluate_models(models, splits.test, splits.tr, log=log)
+        ridge = HeldOutResults.load(self.workdir / "ridge").scores
+        results = results_from_scores({**trained.scores, **ridge}, comparisons=COMPARISONS,
+                                      ceilings=ceilings, kinds=kinds)
         results.save(self.workdir / "evaluation")
         return {"test_runs": {s: len(results.scores[("head", s)].runs) for s in subjects}}
 
@@ -336,7 +382,7 @@ class MainJob:
             map_models=[(s, m) for s in self.subjects()[:1] for m in ("head", "conv4")],
             hear_scores=hear_scores, hear_status=hear_status, few_shot_dir=hear_dir / "few_shot",
             timings=self.timings,
-            claims=check_claims(held_out),
+            claims=check_claims(held_out, n_seeds=self.seeds),
             notes=["Synthetic data: the audio is generated and the BOLD simulated from known auditory "
                    "features (training/synthetic.py), so the models show the pipeline working; they "
                    "are not brain-aligned networks.",
@@ -359,6 +405,7 @@ class MainJob:
         steps = [("generate data", self.step_generate)]
         steps += [(f"train {name}", lambda n=name: self.step_train(n)) for name in self.runs()]
         steps += [("export HEAR checkpoints", self.step_export),
+                  ("ridge baselines", lambda: self.step_ridge(log)),
                   ("evaluate held-out runs", lambda: self.step_evaluate(log)),
                   ("generate HEAR tasks", self.step_hear_tasks),
                   ("HEAR evaluation", lambda: self.step_hear(log)),
@@ -388,7 +435,8 @@ class MainJob:
                                 else None for f in sorted(RUN_CONFIGS.values())}}
         spec = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         state = JobState.open(self.workdir / "main_job.json",
-                              {"size": self.size, "seed": self.seed, "settings_sha256": spec})
+                              {"size": self.size, "seed": self.seed, "settings_sha256": spec,
+                               **({"seeds": self.seeds} if self.seeds > 1 else {})})
         steps = self.steps()
         self.progress = Progress([name for name, _ in steps], self.progress_enabled)
         readme = self.report_dir / "README.md"
@@ -411,12 +459,13 @@ class MainJob:
 
 
 def run_main_job(workdir: str | os.PathLike, report_dir: str | os.PathLike, *, size: str = "default",
-                 seed: int = 0, threads: int = 0, progress: bool = True) -> Path:
+                 seed: int = 0, threads: int = 0, progress: bool = True, seeds: int = 1) -> Path:
     """Generate the synthetic data, train head-only, conv4 and the random-init null per subject
-    and a group conv4 model, score them on the held-out season, run heareval on a generated task
+    (``seeds`` seeds each) and a group conv4 model, fit the ridge baselines (frozen pretrained
+    conv7, log-mel, the oracle), score all on the held-out season, run heareval on a generated task
     suite for the pretrained and brain-aligned checkpoints, and write the report; return the
     report's README path. Rerunning skips finished steps."""
-    job = MainJob(Path(workdir), Path(report_dir), size, seed, threads, progress)
+    job = MainJob(Path(workdir), Path(report_dir), size, seed, threads, progress, seeds)
     return job.run()
 
 
@@ -428,7 +477,7 @@ def cmd_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     workdir = args.workdir or f"runs/main-{args.size}"
     readme = run_main_job(workdir, args.out, size=args.size, seed=args.seed, threads=args.threads,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, seeds=args.seeds)
     print(f"report: {readme} ({(time.perf_counter() - start) / 60:.1f} min this session)")
     return 0
 
@@ -464,7 +513,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ceilings = kinds = None
     atlas = args.atlas or (config.data.atlas or None)
     if config.data.source == "synthetic":  # the embedded data carry their ground truth
-        ceilings, kinds, synthetic_atlas = synthetic_ground_truth(config.data.root, subjects)
+        ceilings, kinds, synthetic_atlas = synthetic_ground_truth(config.data.root, held_out_runs(splits))
         atlas = atlas or synthetic_atlas
     results = evaluate_models(models, splits.test, splits.tr, comparisons=pairs, ceilings=ceilings,
                               kinds=kinds, log=print)
@@ -533,16 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default (about 7 min on 2 cores) or tiny (for tests, about 1 min)")
     main.add_argument("--quick", dest="size", action="store_const", const="tiny", help="same as --size tiny")
     main.add_argument("--seed", type=int, default=0)
+    main.add_argument("--seeds", type=int, default=1,
+                      help="train each per-subject condition with N seeds (--seed, --seed + 1, ...) and "
+                           "report the spread (default 1; the group model keeps one seed)")
     main.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     main.add_argument("--no-progress", action="store_true", help="no progress display")
     main.set_defaults(func=cmd_main)
 
-    # These three keep their own command lines (main() hands them the arguments): listed for --help.
+    # These keep their own command lines (main() hands them the arguments): listed for --help.
     commands.add_parser("generate", help="synthetic dataset: python -m training generate OUT_DIR "
                         "[--size tiny|default|large] [--seed N] [--overwrite]", add_help=False)
     commands.add_parser("train", help="train a model: python -m training train CONFIG [--set KEY=VALUE ...]",
                         add_help=False)
     commands.add_parser("publish", help="python -m training publish {export,publish} ...", add_help=False)
+    commands.add_parser("brain-score", help="held-out encoding score of any HEAR module under a lagged ridge: "
+                        "python -m training brain-score MODULE --config CONFIG [--model-file PATH] "
+                        "[--model-options JSON] [--out DIR]", add_help=False)
 
     ev = commands.add_parser("evaluate", help="score runs on their held-out runs and compare them")
     ev.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
@@ -574,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = {"generate": "training.synthetic", "train": "training.train", "publish": "training.publish"}
+    delegated = {"generate": "training.synthetic", "train": "training.train", "publish": "training.publish",
+                 "brain-score": "training.brain_score"}
     if argv and argv[0] in delegated:
         import importlib
 

@@ -34,15 +34,33 @@ Choices (documented in the report and tested):
   score depends on heareval's post-processing grid (median filter, minimum duration), which a
   linear probe would have to re-implement; k-file event curves are left for later.
 
+heareval's own predictor (``predictor="heareval"``, ``--few-shot-predictor heareval``), for
+comparability with full-data HEAR scores: each point's k-shot set (the same files the probe
+draws) is written as a temporary heareval embeddings folder (``<split>.embeddings.npy`` memmap,
+``.embedding-dimensions.json``, ``.target-labels.pkl``, metadata, vocabulary: what heareval's
+predictions runner reads) and heareval's predictions runner is run on it as
+:mod:`training.hear_eval` runs it (:func:`training.heareval_compat.command`, ``--grid`` /
+``--grid-points`` as given to ``hear-eval``, the task metadata's own grid on top). That folder
+is always ``trainvaltest``: train = the k-shot set, valid and test as for the probe, so a
+k-fold task's point is one fold (heareval's k-fold mode would train every fold on its full
+training folds, and grid-search on fold 0 only) and a task without a validation split gets
+the probe's carved 20 % (heareval cannot run such a task at all). The score is the primary
+metric of ``test.predicted-scores.json``. Points are batched (16 per runner call) because each
+call pays ~10 s of imports; runner logs stay in ``<out>/heareval_work/<checkpoint>/``.
+
 Resumable: every finished point is appended (one line, flushed) to ``few_shot_points.csv``
-keyed by (checkpoint, task, k, draw, fold); a killed run continues where it stopped, and a
-rerun with more draws or ks computes only the new points. The statistics and plots are in
-:mod:`training.few_shot_stats`.
+keyed by (checkpoint, task, k, draw, fold, predictor); a skipped point is stored too, with
+its message, so a resume need not read the embeddings again to find it skipped. A killed run
+continues where it stopped, and a rerun with more draws or ks computes only the new points.
+Probe and heareval points share a folder but never mix (the key); the seed, the probe's C
+grid and heareval's grid are checked against the folder's earlier points
+(``few_shot_config.json``). The statistics and plots are in :mod:`training.few_shot_stats`.
 
 Command line::
 
-    python -m training.few_shot [LABEL=]EMB_DIR... --out DIR [--ks 1,2,4,8,16,32] [--draws 5]
-        [--seed 0] [--baseline pretrained] [--compare A,B,...]
+    python -m training.few_shot [LABEL=]EMB_DIR... --out DIR [--few-shot 1,2,4,8,16,32] [--draws 5]
+        [--few-shot-seed 0] [--few-shot-baseline pretrained] [--few-shot-compare A,B,...]
+        [--few-shot-predictor probe|heareval] [--grid default] [--grid-points 1]
 """
 from __future__ import annotations
 
@@ -87,6 +105,7 @@ PREDICTORS = ("probe", "heareval")
 # Points per heareval predictions-runner call: one call pays the runner's start (torch,
 # Lightning, heareval imports: ~10 s) once for many points; a kill loses at most this many.
 HEAREVAL_BATCH = 16
+HEAREVAL_GRIDS = ("default", "fast", "faster")  # heareval's predictions runner --grid
 HEAREVAL_WORK = "heareval_work"  # under the output folder; each batch's folders, removed after
 EMBEDDINGS_DONE = ".done.embeddings"
 
@@ -516,8 +535,8 @@ def _heareval_result(folder: Path, metric: str) -> tuple[float, float]:
     return float(test[f"test_{metric}"]), float(test.get("validation_score", math.nan))
 
 
-def heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", np.ndarray]],
-                    store: "PointStore", work: Path, options: PredictorOptions) -> int:
+def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", np.ndarray]],
+                     store: "PointStore", work: Path, options: PredictorOptions) -> int:
     """Score ``pending`` (key, fold, k-shot indices) points with heareval's predictions runner,
     run as :mod:`training.hear_eval` runs it (:func:`training.heareval_compat.command`, its log
     appended to ``work/../<task>.predictions.log``); store each; the number stored.
@@ -685,6 +704,8 @@ class PredictorOptions:
     def __post_init__(self) -> None:
         if self.name not in PREDICTORS:
             raise FewShotError(f"predictor must be one of {list(PREDICTORS)}, got {self.name!r}")
+        if self.grid not in HEAREVAL_GRIDS:
+            raise FewShotError(f"heareval grid must be one of {list(HEAREVAL_GRIDS)}, got {self.grid!r}")
         if self.grid_points < 1:
             raise FewShotError(f"heareval grid points must be at least 1, got {self.grid_points}")
 
@@ -826,7 +847,7 @@ def _run_task(label: str, meta: TaskMeta, ks: Sequence[int], draws: int, seed: i
             waiting += 1
             if options.name == "probe" or len(pending) >= HEAREVAL_BATCH or (k, draw) == (ks[-1], draws - 1):
                 if pending:
-                    computed += heareval_points(meta, pending, store, work / _slug_name(label), options)
+                    computed += _heareval_points(meta, pending, store, work / _slug_name(label), options)
                     pending = []
                 bar.update(waiting)
                 waiting = 0
@@ -923,7 +944,8 @@ def run_few_shot(embedding_dirs: Mapping[str, str | os.PathLike], out_dir: str |
     outputs = few_shot_stats.write_outputs(scores, out_dir, baseline=baseline, compare=compare,
                                            unit=unit, alpha=alpha, skipped=list(said))
     return FewShotResult(out_dir, scores, list(said), outputs.stats, outputs.summary,
-                         outputs.files, computed, computed * (len(Cs) if predictor == "probe" else heareval_grid_points))
+                         outputs.files, computed,
+                         computed * (len(Cs) if predictor == "probe" else heareval_grid_points))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1011,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="heareval --embeddings-dir of each checkpoint (label: the folder's name)")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
     add_few_shot_arguments(parser, default_ks=",".join(map(str, DEFAULT_KS)))
-    parser.add_argument("--grid", default="default", choices=("default", "fast", "faster"),
+    parser.add_argument("--grid", default="default", choices=HEAREVAL_GRIDS,
                         help="heareval's --grid for --few-shot-predictor heareval (default: default)")
     parser.add_argument("--grid-points", type=int, default=1,
                         help="heareval's --grid-points for --few-shot-predictor heareval (default 1)")

@@ -39,6 +39,7 @@ from hear_brainsoundnet.checkpoints import atomic_write
 
 from .evaluate import smallest_wilcoxon_p
 
+PREDICTOR_NAMES = {"probe": "linear probe", "heareval": "heareval predictor"}
 STATS_COLUMNS = ("task", "metric", "k", "unit", "baseline", "n_pairs", "mean_baseline",
                  "mean_compared", "mean_diff", "median_diff", "se_diff", "statistic", "p", "q",
                  "significant", "improved", "note")
@@ -68,8 +69,12 @@ def curve_table(scores: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 
 
 def _pairs(draws: pd.DataFrame, baseline: str, compare: Sequence[str], unit: str
-           ) -> dict[tuple[str, str, int], tuple[np.ndarray, float, float]]:
-    """(task, metric, k) -> (differences, mean baseline, mean compared) for the chosen unit."""
+           ) -> dict[tuple[str, str, int], tuple[np.ndarray, float, float, str]]:
+    """(task, metric, k) -> (differences, mean baseline, mean compared, note) for the chosen unit.
+
+    Only draws both sides have are paired. A compared checkpoint with no draw in common with the
+    baseline gives no pair and is named in the note; when nothing can be paired the differences
+    are empty (the row says why instead of showing a NaN difference)."""
     wide = draws.pivot_table(index=["task", "metric", "k", "draw"], columns="checkpoint",
                              values="score", aggfunc="first")
     if baseline not in wide.columns:
@@ -80,18 +85,27 @@ def _pairs(draws: pd.DataFrame, baseline: str, compare: Sequence[str], unit: str
         present = [c for c in compare if c in group.columns and group[c].notna().any()]
         if not present or base.notna().sum() == 0:
             continue
+        apart = [c for c in present if group[[baseline, c]].dropna().empty]
+        note = (f"no draws in common with {baseline}: {', '.join(apart)} (left out)" if apart else "")
+        paired = [c for c in present if c not in apart]
         if unit == "subject":
             diffs, cands = [], []
-            for c in present:
+            for c in paired:
                 both = group[[baseline, c]].dropna()
                 diffs.append(float((both[c] - both[baseline]).mean()))
                 cands.append(float(both[c].mean()))
-            out[(task, metric, int(k))] = (np.array(diffs), float(base.mean()), float(np.mean(cands)))
+            out[(task, metric, int(k))] = (np.array(diffs, dtype=float), float(base.mean()),
+                                           float(np.mean(cands)) if cands else math.nan, note)
         else:
-            both = group[[baseline, *present]].dropna()
-            mean_c = both[present].mean(axis=1)
+            both = group[[baseline, *paired]].dropna()
+            if paired and both.empty:
+                note = "; ".join(filter(None, [note, f"no draw has {baseline} and all of {', '.join(paired)}"]))
+            if not paired or both.empty:
+                out[(task, metric, int(k))] = (np.array([], dtype=float), float(base.mean()), math.nan, note)
+                continue
+            mean_c = both[paired].mean(axis=1)
             out[(task, metric, int(k))] = ((mean_c - both[baseline]).to_numpy(dtype=float),
-                                           float(both[baseline].mean()), float(mean_c.mean()))
+                                           float(both[baseline].mean()), float(mean_c.mean()), note)
     return out
 
 
@@ -131,12 +145,18 @@ def paired_stats(scores: pd.DataFrame, baseline: str = "pretrained",
     if baseline in compare:
         raise ValueError(f"the baseline {baseline!r} cannot also be compared with itself")
     rows = []
-    for (task, metric, k), (diffs, mean_b, mean_c) in _pairs(per_draw(scores), baseline, compare, unit).items():
-        statistic, p, note = _wilcoxon(diffs, alpha, alternative, unit)
+    for (task, metric, k), (diffs, mean_b, mean_c, pair_note) in _pairs(per_draw(scores), baseline, compare,
+                                                                      unit).items():
+        if len(diffs):
+            statistic, p, note = _wilcoxon(diffs, alpha, alternative, unit)
+            note = "; ".join(filter(None, [pair_note, note]))
+        else:  # nothing paired: the note says why, no test
+            statistic, p, note = math.nan, math.nan, pair_note
         se = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
         rows.append({"task": task, "metric": metric, "k": k, "unit": unit, "baseline": baseline,
                      "n_pairs": len(diffs), "mean_baseline": mean_b, "mean_compared": mean_c,
-                     "mean_diff": float(diffs.mean()), "median_diff": float(np.median(diffs)),
+                     "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
+                     "median_diff": float(np.median(diffs)) if len(diffs) else math.nan,
                      "se_diff": se, "statistic": statistic, "p": p, "q": math.nan, "note": note})
     table = pd.DataFrame(rows, columns=[c for c in STATS_COLUMNS if c not in ("significant", "improved")])
     for k, index in table.groupby("k").groups.items():
@@ -186,7 +206,7 @@ def _save(figure, path: Path) -> Path:
         plt.close(figure)
 
 
-def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike) -> Path:
+def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike, predictor: str = "probe") -> Path:
     """Score vs k (log axis) for one task: a line per checkpoint, its 95 % band over draws."""
     plt = _pyplot()
     rows = curves[curves["task"] == task]
@@ -201,7 +221,7 @@ def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike) -> Path:
     axes.set_xticks(ks, [str(k) for k in ks])
     axes.set_xlabel("training examples per class (k)")
     axes.set_ylabel(f"test {rows['metric'].iloc[0]}" if len(rows) else "test score")
-    axes.set_title(f"{task}: few-shot linear probe")
+    axes.set_title(f"{task}: few-shot {PREDICTOR_NAMES.get(predictor, predictor)}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     return _save(figure, Path(path))
@@ -239,14 +259,16 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def markdown(curves: pd.DataFrame, table: pd.DataFrame, lines: Sequence[str], skipped: Sequence[str]) -> str:
+def markdown(curves: pd.DataFrame, table: pd.DataFrame, lines: Sequence[str], skipped: Sequence[str],
+             predictor: str = "probe") -> str:
     """The report section: curves (mean [95 % band]) per task and k, then the statistics."""
     cells = curves.assign(cell=[f"{_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) else _fmt(m)
                                 for m, lo, hi in zip(curves["mean"], curves["ci_low"], curves["ci_high"])])
     order = list(dict.fromkeys(curves["checkpoint"]))
     wide = cells.pivot_table(index=["task", "metric", "k"], columns="checkpoint", values="cell",
                              aggfunc="first").reindex(columns=order).reset_index()
-    parts = ["### Few-shot test scores (mean over draws [95 % band])", "", wide.to_markdown(index=False)]
+    parts = [f"### Few-shot test scores (mean over draws [95 % band]; {PREDICTOR_NAMES.get(predictor, predictor)})",
+             "", wide.to_markdown(index=False)]
     if len(table):
         shown = table.assign(p=table["p"].map(_fmt), q=table["q"].map(_fmt),
                              mean_diff=table["mean_diff"].map(lambda v: _fmt(v, 4)),
@@ -272,6 +294,7 @@ def write_outputs(scores: pd.DataFrame, out_dir: str | os.PathLike, *, baseline:
                   skipped: Sequence[str] = ()) -> Outputs:
     """few_shot.csv (long), few_shot_curves.csv, few_shot_stats.csv, few_shot.md and the plots."""
     out_dir = Path(out_dir)
+    predictor = str(scores["predictor"].iloc[0]) if "predictor" in scores and len(scores) else "probe"
     files = {"csv": atomic_write(out_dir / "few_shot.csv", lambda tmp: scores.to_csv(tmp, index=False))}
     curves = curve_table(scores)
     files["curves"] = atomic_write(out_dir / "few_shot_curves.csv", lambda tmp: curves.to_csv(tmp, index=False))
@@ -281,9 +304,9 @@ def write_outputs(scores: pd.DataFrame, out_dir: str | os.PathLike, *, baseline:
         files["stats"] = atomic_write(out_dir / "few_shot_stats.csv", lambda tmp: table.to_csv(tmp, index=False))
     lines = summary_lines(table, alpha) if len(table) else []
     files["md"] = atomic_write(out_dir / "few_shot.md",
-                               lambda tmp: Path(tmp).write_text(markdown(curves, table, lines, skipped)))
+                               lambda tmp: Path(tmp).write_text(markdown(curves, table, lines, skipped, predictor)))
     for task in sorted(curves["task"].unique()):
-        files[f"plot {task}"] = plot_task(curves, task, out_dir / f"few_shot_{_slug(task)}.png")
+        files[f"plot {task}"] = plot_task(curves, task, out_dir / f"few_shot_{_slug(task)}.png", predictor)
     if len(table):
         files["plot difference"] = plot_differences(table, out_dir / "few_shot_difference.png")
     return Outputs(table, lines, files)
