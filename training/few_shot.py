@@ -544,7 +544,7 @@ def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", 
     Points that finished are stored even when a later one failed; then FewShotError names the
     log and the folder, which is kept for inspection (otherwise it is removed)."""
     from . import heareval_compat
-    from .hear_eval import _run_logged, _tail
+    from .hear_eval import log_tail, run_logged
 
     batch = work / meta.name
     if batch.exists():  # left by a killed or failed run: its points were not stored
@@ -557,14 +557,14 @@ def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", 
     log_path = work / f"{meta.name}.predictions.log"
     argv = heareval_compat.command("predictions", [*(d.resolve() for d in folders), "--grid", options.grid,
                                                    "--grid-points", options.grid_points])
-    code = _run_logged(argv, log_path, batch, options.timeout)  # cwd: Lightning's ./logs go in the batch
+    code = run_logged(argv, log_path, batch, options.timeout)  # cwd: Lightning's ./logs go in the batch
     stored = 0
     for (key, fold, index), folder in zip(pending, folders):
         try:
             score, valid_score = _heareval_result(folder, meta.metric)
         except FewShotError as error:
             raise FewShotError(f"task {meta.name}: heareval predictions runner (exit {code}) on {folder}: "
-                               f"{error}; see {log_path}:\n{_tail(log_path)}") from None
+                               f"{error}; see {log_path}:\n{log_tail(log_path)}") from None
         store.append(_point_row(key, meta.metric, score, math.nan, valid_score, len(index)))
         stored += 1
     shutil.rmtree(batch)

@@ -552,14 +552,15 @@ class HearEvalResult:
         return [c for c in self.checkpoints if c.status != "ok"]
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def log_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a runner's log (empty if it cannot be read), for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
 
-def _run_logged(argv: list[str], log_path: Path, cwd: Path, timeout: float | None) -> int:
+def run_logged(argv: list[str], log_path: Path, cwd: Path, timeout: float | None) -> int:
     """Run ``argv`` with stdout and stderr appended to ``log_path``; the exit status."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
@@ -632,11 +633,11 @@ def evaluate_checkpoint(spec: CheckpointSpec, tasks: Sequence[TaskInfo], staging
                                                       staging.resolve(), "--embeddings-dir",
                                                       emb_root.resolve()])
         outcome.ran.append("embeddings")
-        code = _run_logged(argv, logs / f"{spec.label}.embeddings.log", work, timeout)
+        code = run_logged(argv, logs / f"{spec.label}.embeddings.log", work, timeout)
         if code != 0:
             outcome.error = (f"heareval embeddings runner exited with {code}; see "
                              f"{logs / f'{spec.label}.embeddings.log'}:\n"
-                             f"{_tail(logs / f'{spec.label}.embeddings.log')}")
+                             f"{log_tail(logs / f'{spec.label}.embeddings.log')}")
             log(f"[{spec.label}] embeddings runner failed (exit {code})")
     embedded = [name for name, d in task_dirs.items() if (d / EMBEDDINGS_DONE).is_file()]
     for name in task_dirs:
@@ -650,7 +651,7 @@ def evaluate_checkpoint(spec: CheckpointSpec, tasks: Sequence[TaskInfo], staging
         argv = heareval_compat.command("predictions", [*(task_dirs[n].resolve() for n in pending),
                                                        "--grid", grid, "--grid-points", grid_points])
         outcome.ran.append("predictions")
-        code = _run_logged(argv, log_path, work, timeout)
+        code = run_logged(argv, log_path, work, timeout)
         still = [name for name in pending if not (task_dirs[name] / PREDICTION_DONE).is_file()]
         if code == 0 and not still:
             break
@@ -659,7 +660,7 @@ def evaluate_checkpoint(spec: CheckpointSpec, tasks: Sequence[TaskInfo], staging
         # heareval runs the tasks in order: the first unfinished one is the one that failed.
         culprit = still[0]
         outcome.tasks_failed[culprit] = (f"heareval predictions runner exited with {code}; see "
-                                         f"{log_path}:\n{_tail(log_path)}")
+                                         f"{log_path}:\n{log_tail(log_path)}")
         log(f"[{spec.label}] predictions failed on {culprit} (exit {code})")
         pending = still[1:]
 
