@@ -76,6 +76,8 @@ def test_early_stopping_keeps_the_best_epoch_and_a_finished_run_is_not_redone(tm
     assert lrs[0] == 3e-3 and (len(set(lrs)) > 1 or result.epochs < 4)  # ReduceLROnPlateau acted
     again = train(config)  # finished: read back, nothing retrained
     assert again.history == result.history and again.stop_reason == "early_stopping"
+    status = json.loads((config.run_dir / "status.json").read_text())
+    assert status["status"] == "complete" and status["stop_reason"] == "early_stopping"  # not "running"
     changed = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head", "train.lr=3e-3",
                           "train.max_epochs=40", "train.early_stopping_patience=2", "train.lr_patience=1",
                           "model.kernel_trs=4")

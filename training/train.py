@@ -357,7 +357,7 @@ def _train_once(config: ExperimentConfig, data: DataSplits | None = None) -> Tra
             _write_json(run_dir / "config.json", config.to_dict())
             atomic_write(run_dir / "config.toml", lambda tmp: Path(tmp).write_text(config.to_toml()))
             _write_json(run_dir / "data.json", splits.describe())
-    if ctx.main:
+    if ctx.main and not progress["finished"]:  # a finished run is returned as it is (below)
         _write_json(run_dir / "status.json", {"status": "running", "pid": os.getpid()})
 
     net: torch.nn.Module = model
