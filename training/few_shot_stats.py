@@ -38,6 +38,7 @@ from scipy import stats
 from hear_brainsoundnet.checkpoints import atomic_write
 
 from .evaluate import smallest_wilcoxon_p
+from .report import _pyplot, _save  # the report's figure helpers: Agg backend, atomic PNG
 
 PREDICTOR_NAMES = {"probe": "linear probe", "heareval": "heareval predictor"}
 STATS_COLUMNS = ("task", "metric", "k", "unit", "baseline", "n_pairs", "mean_baseline",
@@ -186,24 +187,6 @@ def summary_lines(table: pd.DataFrame, alpha: float = 0.05) -> list[str]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    plt = _pyplot()
-    try:
-        figure.tight_layout()
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(figure)
 
 
 def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike, predictor: str = "probe") -> Path:
