@@ -17,12 +17,10 @@ the conversion; every load checks the cached file against it (:func:`pretrained_
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
+from .files import atomic_write, sha256_file
 from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, SoundNet8, SoundNetConfig
 
 FORMAT = "hear-brainsoundnet"
@@ -94,15 +93,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "hear-brainsoundnet"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     """Raise :class:`CheckpointError` naming ``path`` unless its sha256 is ``expected``."""
     actual = sha256_file(path)
@@ -125,29 +115,6 @@ def config_for(model: SoundNet8, provenance: Mapping[str, Any] | None = None,
         "extra": dict(extra or {}),
         "provenance": {"code_version": __version__, **dict(provenance or {})},
     }
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a published file must be readable
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | os.PathLike, model: SoundNet8, *,

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, Block, BlockSpec, SoundNet8
+from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, Block, BlockSpec, SoundNet8, block_output_length
 
 # Outputs per matrix row R, per layer, as (on one thread, on several threads). conv1: R = 8
 # makes the product 128 columns wide (16 channels x 8 outputs) for 1.25x the FLOPs; R = 1
@@ -112,8 +112,7 @@ class FusedBlock(nn.Module):
         """``(batch, frames_in, c_in)`` -> ``(batch, frames_out, c_out)``, frames as SoundNet8."""
         spec = self.spec
         batch, frames_in, c_in = x.shape
-        n_conv = (frames_in + 2 * spec.padding - spec.kernel) // spec.stride + 1
-        n_out = n_conv // spec.pool
+        n_out = block_output_length(spec, frames_in)
         if n_out < 1:
             raise ValueError(f"{spec.name}: {frames_in} input frames give no output")
         # Matrix rows per batch item: enough for n_out outputs, and for every row an output

@@ -50,8 +50,9 @@ from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValida
 from huggingface_hub.utils import validate_repo_id
 
 from ._version import __version__
-from .checkpoints import (SOUND8_SHA256, Checkpoint, CheckpointError, atomic_write,
-                          load_checkpoint, pretrained_checkpoint, save_checkpoint, verify_sha256)
+from .checkpoints import (SOUND8_SHA256, Checkpoint, CheckpointError, load_checkpoint, pretrained_checkpoint,
+                          save_checkpoint, verify_sha256)
+from .files import atomic_write
 
 MANIFEST_ENV = "HEAR_BRAINSOUNDNET_MANIFEST"
 # A source checkout (or editable install) reads the repository's weights/; a wheel carries the

@@ -110,13 +110,20 @@ def frame_geometry(layer: str) -> FrameGeometry:
     return FrameGeometry(layer=layer, hop=hop, first_centre=centre, receptive_field=span)
 
 
+def block_output_length(spec: BlockSpec, n_frames: int) -> int:
+    """Frames one block (convolution, then max-pool) outputs for ``n_frames`` input frames.
+
+    The one place this formula lives: the plain and fused networks and the training trunk use it.
+    May be 0 or negative when the input is too short.
+    """
+    return ((n_frames + 2 * spec.padding - spec.kernel) // spec.stride + 1) // spec.pool
+
+
 def output_length(layer: str, n_samples: int) -> int:
     """Number of frames ``layer`` outputs for an input of ``n_samples`` samples (0 if too short)."""
     length = n_samples
     for spec in _chain(layer):
-        length = (length + 2 * spec.padding - spec.kernel) // spec.stride + 1
-        if spec.pool > 1:
-            length //= spec.pool
+        length = block_output_length(spec, length)
         if length <= 0:
             return 0
     return length

@@ -40,7 +40,7 @@ if [ ! -f "$stamp" ]; then
     rm -f "$VENV"/.setup-*
     touch "$stamp"
 fi
-if ! "$VENV/bin/python" -c "import hear_brainsoundnet, training" >/dev/null 2>&1 \
+if ! "$VENV/bin/python" -c "import hear_brainsoundnet.training" >/dev/null 2>&1 \
         || [ setup.cfg -nt "$VENV/.editable" ]; then
     pip_install --no-deps --no-build-isolation -e .
     touch "$VENV/.editable"

@@ -1,5 +1,4 @@
 """Embeddings: true frame-centre timestamps, empirical alignment, short and long audio, chunking."""
-import math
 from fractions import Fraction
 
 import numpy as np

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hear_brainsoundnet.checkpoints import load_checkpoint, pretrained_checkpoint, save_checkpoint, sha256_file
+from hear_brainsoundnet.checkpoints import load_checkpoint, pretrained_checkpoint, save_checkpoint
+
+from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, DEFAULT_MANIFEST, HubCheckpoint, ManifestEntry,
                                     available_checkpoints, write_manifest)
 from hear_brainsoundnet.soundnet import SoundNet8

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import hear_brainsoundnet
-from hear_brainsoundnet.checkpoints import load_checkpoint, read_config, sha256_file
+from hear_brainsoundnet.checkpoints import load_checkpoint, read_config
+from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.embeddings import select_frames
 from training.import_study import StudyImportError, import_study, names_from_filename, study_tensor_shapes
 

@@ -12,7 +12,8 @@ from hear_brainsoundnet.soundnet import SoundNet8, frame_geometry
 from tests.signals import natural_like
 from training.batches import Episode, EpisodeSet
 from training.model import (CONDITIONS, EncodingModel, EpisodeGeometry, WindowBatchNorm, plain_backbone,
-                            prefix_layer, tr_frames, trained_layers)
+                            prefix_layer, trained_layers)
+from training.timebase import tr_frames
 
 TR = 1.49
 SR = 22050

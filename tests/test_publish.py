@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hear_brainsoundnet
-from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, sha256_file
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint
+from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.hub import DEFAULT_MANIFEST, ManifestError, fetch, load_manifest
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
 from training.batches import load_splits

@@ -1,6 +1,6 @@
 """``python -m training``: the project's command line (see :mod:`training.cli`)."""
 import sys
 
-from training.cli import main
+from .cli import main
 
 sys.exit(main())

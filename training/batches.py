@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from hear_brainsoundnet.soundnet import frame_geometry
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 from .config import ConfigError, ExperimentConfig
 from .data._io import drop_resident_pages
@@ -419,7 +419,7 @@ def data_root(config: ExperimentConfig) -> Path:
     root = Path(config.data.root)
     if config.data.source != "synthetic":
         return root
-    from training.synthetic import SyntheticDataset, generate_friends_like
+    from .synthetic import SyntheticDataset, generate_friends_like
 
     data = config.data
     if (root / "dataset_description.json").is_file():
@@ -533,7 +533,7 @@ def read_subject(config: ExperimentConfig, subject: str, root: Path, cache: Path
     """One subject's runs (only ``episodes`` when given) through the reader ``data.source`` names."""
     data = config.data
     if data.source == "synthetic":
-        from training.synthetic import SyntheticDataset
+        from .synthetic import SyntheticDataset
 
         dataset = SyntheticDataset.load(root)
         if subject not in dataset.subjects:

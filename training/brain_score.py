@@ -223,7 +223,7 @@ def table_markdown(table: pd.DataFrame, label: str, command: str) -> str:
 def write_outputs(out_dir: str | os.PathLike, score: BrainScore, *, kinds=None, ceilings=None, atlas=None,
                   command: str = "") -> dict[str, Path]:
     """Write the tables, the held-out results, the fitted models and the maps into ``out_dir``."""
-    from hear_brainsoundnet.checkpoints import atomic_write
+    from hear_brainsoundnet.files import atomic_write
 
     out_dir = Path(out_dir)
     table = encoding_table(score, kinds, ceilings)

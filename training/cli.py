@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------
 # The main job's settings
@@ -142,8 +142,8 @@ class Progress:
 def synthetic_ground_truth(root: str | os.PathLike, held_out: Mapping[str, Sequence[str]]):
     """(noise ceilings ``{subject: {"r": ..., "r2": ...}}`` on each subject's held-out runs
     ``held_out[subject]``, parcel kinds, atlas path) of the synthetic dataset at ``root``."""
-    from training.evaluate import held_out_noise_ceiling
-    from training.synthetic import SyntheticDataset
+    from .evaluate import held_out_noise_ceiling
+    from .synthetic import SyntheticDataset
 
     dataset = SyntheticDataset.load(root)
     kinds = [parcel["kind"] for parcel in dataset.ground_truth()["parcels"]]
@@ -180,14 +180,14 @@ class MainJob:
     # -- helpers -------------------------------------------------------------------------------
 
     def subjects(self) -> list[str]:
-        from training.synthetic import SIZES as DATA_SIZES
+        from .synthetic import SIZES as DATA_SIZES
 
         return DATA_SIZES[self.spec.data_size].subjects()
 
     def config(self, name: str, kind: str, subjects: list[str]):
         """The config of one run: ``configs/`` :data:`RUN_CONFIGS` ``[kind]`` with the job's
         folders, seed, subjects and the size's overrides."""
-        from training.config import load_config
+        from .config import load_config
 
         path = CONFIGS_DIR / RUN_CONFIGS[kind]
         if not path.is_file():
@@ -231,14 +231,14 @@ class MainJob:
     # -- steps ---------------------------------------------------------------------------------
 
     def step_generate(self) -> dict[str, Any]:
-        from training.synthetic import generate_friends_like
+        from .synthetic import generate_friends_like
 
         dataset = generate_friends_like(self.data_dir, seed=self.seed, size=self.spec.data_size,
                                         overwrite=True)
         return {"subjects": list(dataset.subjects), "episodes": len(dataset.episodes)}
 
     def step_train(self, name: str) -> dict[str, Any]:
-        from training.train import train
+        from .train import train
 
         kind, subjects = self.runs()[name]
         result = train(self.config(name, kind, subjects))
@@ -247,7 +247,7 @@ class MainJob:
                 "train_seconds": round(result.seconds, 1)}
 
     def step_export(self) -> dict[str, Any]:
-        from training.publish import export
+        from .publish import export
 
         exported = {}
         for name in self.hear_checkpoints():
@@ -258,9 +258,9 @@ class MainJob:
     def step_ridge(self, log: Callable[[str], None]) -> dict[str, Any]:
         """Ridge baselines (:data:`RIDGE_BASELINES`) fitted on the training and validation runs,
         with the head's lags (``model.kernel_trs``), scored on the held-out runs."""
-        from training.batches import load_splits
-        from training.brain_score import baseline_scores
-        from training.evaluate import results_from_scores
+        from .batches import load_splits
+        from .brain_score import baseline_scores
+        from .evaluate import results_from_scores
 
         config = self.config("evaluation", "head", self.subjects())
         scores, seconds = baseline_scores(config, load_splits(config), labels=RIDGE_BASELINES,
@@ -270,8 +270,8 @@ class MainJob:
                                   for label, timing in seconds.items()}}
 
     def step_evaluate(self, log: Callable[[str], None]) -> dict[str, Any]:
-        from training.batches import load_splits
-        from training.evaluate import HeldOutResults, evaluate_models, results_from_scores
+        from .batches import load_splits
+        from .evaluate import HeldOutResults, evaluate_models, results_from_scores
 
         subjects = self.subjects()
         config = self.config("evaluation", "head", subjects)
@@ -291,13 +291,13 @@ class MainJob:
         return {"test_runs": {s: len(results.scores[("head", s)].runs) for s in subjects}}
 
     def step_hear_tasks(self) -> dict[str, Any]:
-        from training.hear_eval import write_task_suite
+        from .hear_eval import write_task_suite
 
         paths = write_task_suite(self.workdir / "hear_tasks", self.spec.hear_suite, seed=self.seed)
         return {"tasks": [p.name for p in paths]}
 
     def step_hear(self, log: Callable[[str], None]) -> dict[str, Any]:
-        from training.hear_eval import CheckpointSpec, run_hear_eval
+        from .hear_eval import CheckpointSpec, run_hear_eval
 
         exported = json.loads((self.workdir / "main_job.json").read_text())["steps"]["export HEAR checkpoints"]
         specs = [CheckpointSpec("pretrained", "pretrained")]
@@ -312,9 +312,9 @@ class MainJob:
         """Few-shot curves on the embeddings the HEAR step wrote (reused, not recomputed); the
         subjects' conv4 checkpoints are the paired comparison with pretrained, the group model
         is drawn but not tested (it is not one subject's)."""
-        from training.few_shot import DEFAULT_DRAWS, DEFAULT_KS, run_few_shot
+        from .few_shot import DEFAULT_DRAWS, DEFAULT_KS, run_few_shot
 
-        from training.few_shot import FewShotError
+        from .few_shot import FewShotError
 
         embeddings = self.workdir / "hear" / "embeddings"
         dirs = {p.name: p for p in sorted(embeddings.iterdir()) if p.is_dir()} if embeddings.is_dir() else {}
@@ -334,10 +334,10 @@ class MainJob:
     def step_report(self) -> dict[str, Any]:
         import pandas as pd
 
-        from training.evaluate import HeldOutResults, read_table
-        from training.hear_eval import SUITES, scan_tasks, test_set_sizes
-        from training.report import ReportInputs, check_claims, write_report
-        from training.synthetic import SyntheticDataset
+        from .evaluate import HeldOutResults, read_table
+        from .hear_eval import SUITES, scan_tasks, test_set_sizes
+        from .report import ReportInputs, check_claims, write_report
+        from .synthetic import SyntheticDataset
 
         dataset = SyntheticDataset.load(self.data_dir)
         state = json.loads((self.workdir / "main_job.json").read_text())["steps"]
@@ -425,8 +425,8 @@ class MainJob:
         import hashlib
         import tomllib
 
-        from training.hear_eval import SUITES
-        from training.synthetic import SIZES as DATA_SIZES
+        from .hear_eval import SUITES
+        from .synthetic import SIZES as DATA_SIZES
 
         settings = {"job": asdict(self.spec), "data": asdict(DATA_SIZES[self.spec.data_size]),
                     "hear_suite": SUITES[self.spec.hear_suite],
@@ -484,10 +484,10 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score run directories on the held-out runs of the first run's data split."""
-    from training.batches import load_splits
-    from training.config import load_config
-    from training.evaluate import evaluate_models
-    from training.state import read_model_file
+    from .batches import load_splits
+    from .config import load_config
+    from .evaluate import evaluate_models
+    from .state import read_model_file
 
     runs = {}
     for text in args.runs:
@@ -520,7 +520,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     files = results.save(args.out)
     print(results.summary.to_string(index=False))
     if atlas:
-        from training.report import brain_map
+        from .report import brain_map
 
         for (model, subject), scores in results.scores.items():
             stem = Path(args.out) / f"map_r_{model}_{subject}"
@@ -531,12 +531,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_hear_eval(args: argparse.Namespace) -> int:
-    from training.hear_eval import CheckpointSpec, run_hear_eval, write_task_suite
+    from .hear_eval import CheckpointSpec, run_hear_eval, write_task_suite
 
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(args.out) / "generated_tasks"
     if not args.tasks_dir and not tasks_dir.is_dir():
         write_task_suite(tasks_dir, args.suite)
-    from training.few_shot import FewShotError, check_args
+    from .few_shot import check_args
 
     try:
         specs = [CheckpointSpec.parse(text) for text in args.checkpoints]
@@ -559,7 +559,7 @@ def cmd_hear_eval(args: argparse.Namespace) -> int:
 def few_shot_sweep(args: argparse.Namespace, result: Any) -> None:
     """``hear-eval --few-shot KS``: few-shot curves on the embeddings heareval just wrote
     (``OUT/embeddings/<label>``), reused for every k and draw; nothing when not asked."""
-    from training.few_shot import FewShotError, run_from_args
+    from .few_shot import FewShotError, run_from_args
 
     embeddings = Path(args.out) / "embeddings"
     dirs = {c.label: embeddings / c.label for c in result.checkpoints if (embeddings / c.label).is_dir()}
@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--skip-malformed", action="store_true",
                     help="score the valid tasks and list malformed task folders as skipped "
                          "(default: a malformed task folder is an error and nothing runs)")
-    from training.few_shot import add_few_shot_arguments
+    from .few_shot import add_few_shot_arguments
 
     add_few_shot_arguments(he)  # --few-shot KS --draws N ...: off unless --few-shot is given
     he.set_defaults(func=cmd_hear_eval)
@@ -629,11 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = {"generate": "training.synthetic", "train": "training.train", "publish": "training.publish",
-                 "brain-score": "training.brain_score"}
+    # Relative names: the package is ``training`` in a clone and ``hear_brainsoundnet.training`` installed.
+    delegated = {"generate": ".synthetic", "train": ".train", "publish": ".publish", "brain-score": ".brain_score"}
     if argv and argv[0] in delegated:
         import importlib
 
-        return importlib.import_module(delegated[argv[0]]).main(argv[1:])
+        return importlib.import_module(delegated[argv[0]], __package__).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

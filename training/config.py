@@ -214,7 +214,7 @@ class ExperimentConfig:
 
     def validate(self, source: str = "config") -> "ExperimentConfig":
         """Check values (not only types); raise :class:`ConfigError` naming the key."""
-        from training.synthetic import SIZES as SYNTHETIC_SIZES  # numpy only; the names live there
+        from .synthetic import SIZES as SYNTHETIC_SIZES  # numpy only; the names live there
 
         def bad(key: str, message: str) -> ConfigError:
             return ConfigError(f"{source}: {key} {message}")

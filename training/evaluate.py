@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import r2_score
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 METRICS = ("r", "r2")
 

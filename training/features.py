@@ -12,7 +12,7 @@ Sources:
   network, a HEAR checkpoint file, or a fine-tuned run's ``best.safetensors``: its backbone
   on running statistics, i.e. the brain-aligned features under a fresh readout). ``conv7``
   frames (hop 1.486 s, about one TR) are paired with TRs exactly as the fine-tuned head pairs
-  them (:func:`training.model.tr_frames`: the frame centred nearest the TR's midpoint); finer
+  them (:func:`training.timebase.tr_frames`: the frame centred nearest the TR's midpoint); finer
   layers are averaged over the frames centred inside each TR.
 - :class:`LogMelFeatures`: a 64-band log-mel spectrogram (torchaudio), frames averaged per TR.
 - :class:`OracleFeatures`: the synthetic dataset's true feature regressors (the oracle; only
@@ -129,7 +129,7 @@ def episode_feature_table(source: FeatureSource, episodes: Sequence, tr: float,
     another subject uses the first rows. With ``cache_dir`` and a cacheable source, features
     are kept as ``.npy`` files keyed by the source, the audio and the run length.
     """
-    from training.data._io import atomic_save_npy
+    from .data._io import atomic_save_npy
 
     key = source.cache_key() if cache_dir is not None else None
     table = {}
@@ -184,8 +184,8 @@ def load_soundnet(spec: str | os.PathLike) -> tuple[SoundNet8, str]:
     if path.is_dir() and (path / "best.safetensors").is_file():
         path = path / "best.safetensors"
     if path.is_file():
-        from training.model import plain_backbone
-        from training.state import is_model_file, load_model
+        from .model import plain_backbone
+        from .state import is_model_file, load_model
 
         if is_model_file(path):
             model, _ = load_model(path)
@@ -227,7 +227,8 @@ class SoundNetFeatures(FeatureSource):
 
     def episode_features(self, name: str, waveform: np.ndarray, n_trs: int, tr: float) -> np.ndarray:
         from hear_brainsoundnet.embeddings import layer_frames
-        from training.model import EpisodeGeometry, tr_frames
+        from .model import EpisodeGeometry
+        from .timebase import tr_frames
 
         if self.layer == "conv7":
             # the fine-tuned head's pairing, on the same zero-extended audio

@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 DEFAULT_DRAWS = 5

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 from .evaluate import smallest_wilcoxon_p
 from .report import _pyplot, _save  # the report's figure helpers: Agg backend, atomic PNG

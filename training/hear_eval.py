@@ -27,7 +27,6 @@ Robustness:
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 SCORES_FILE = "test.predicted-scores.json"
 PREDICTION_DONE = "prediction-done.json"

@@ -54,7 +54,7 @@ def command(runner: str, args: Sequence[str]) -> list[str]:
     """The argv that runs heareval's ``runner`` ("embeddings" or "predictions") with the shims."""
     if runner not in RUNNERS:
         raise ValueError(f"unknown heareval runner {runner!r}; choose one of {list(RUNNERS)}")
-    return [sys.executable, "-m", "training.heareval_compat", runner, *map(str, args)]
+    return [sys.executable, "-m", __name__, runner, *map(str, args)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

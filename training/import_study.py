@@ -72,7 +72,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from hear_brainsoundnet.checkpoints import load_checkpoint, save_checkpoint, sha256_file
+from hear_brainsoundnet.checkpoints import load_checkpoint, save_checkpoint
+
+from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.soundnet import BACKBONE_LAYERS, HEAD_LAYERS, SPECS, SoundNet8, SoundNetConfig
 
 from .config import CONDITIONS

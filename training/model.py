@@ -61,11 +61,11 @@ from torch import nn
 from hear_brainsoundnet.embeddings import layer_frames
 from hear_brainsoundnet.fast import FastSoundNet
 from hear_brainsoundnet.soundnet import (BACKBONE_LAYERS, SAMPLE_RATE, SPECS, SoundNet8,
-                                         frame_geometry, output_length)
+                                         block_output_length, frame_geometry, output_length)
 
 from .config import BATCHNORM_MODES, CONDITIONS
+from .timebase import FEATURE_LAYER, tr_frames, tr_samples
 
-FEATURE_LAYER = "conv7"
 FEATURE_CHANNELS = SPECS[FEATURE_LAYER].out_channels
 MIN_SCALE_FRACTION = 0.1  # head input scales are at least this fraction of the mean channel's
 EPISODE_CHUNK_SAMPLES = 60 * SAMPLE_RATE  # audio per pass when computing whole-episode features
@@ -91,33 +91,14 @@ def prefix_layer(condition: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# TRs -> conv7 frames
+# Trunk geometry (the TR time base is in training/timebase.py)
 # ----------------------------------------------------------------------------------------------
-
-def tr_in_samples(tr: float, sample_rate: int = SAMPLE_RATE) -> Fraction:
-    """One TR in audio samples, exactly (1.49 s -> 32854.5): the decimal TR, not its float."""
-    return Fraction(str(tr)) * sample_rate
-
-
-def tr_frames(n_trs: int, tr: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """conv7 frame of each TR ``0 .. n_trs - 1``: the frame centred nearest the TR's midpoint."""
-    geometry = frame_geometry(FEATURE_LAYER)
-    per_tr = tr_in_samples(tr, sample_rate)
-    frames = np.empty(n_trs, dtype=np.int64)
-    for t in range(n_trs):
-        position = ((t + Fraction(1, 2)) * per_tr - geometry.first_centre) / geometry.hop
-        frames[t] = math.floor(position + Fraction(1, 2))
-    return frames
-
 
 def _trunk_length(layers: Sequence[str], n_frames: int) -> int:
     """Output length of ``layers`` (consecutive backbone blocks) for ``n_frames`` input frames."""
-    length = n_frames
     for name in layers:
-        spec = SPECS[name]
-        length = (length + 2 * spec.padding - spec.kernel) // spec.stride + 1
-        length //= spec.pool
-    return length
+        n_frames = block_output_length(SPECS[name], n_frames)
+    return n_frames
 
 
 @dataclass(frozen=True)
@@ -160,7 +141,7 @@ class EpisodeGeometry:
         half = Fraction(g7.receptive_field - gp.receptive_field, 2) + gp.first_centre - g7.first_centre
         self.margin = 0 if not self.trunk else math.ceil(max(half, 0) / g7.hop) + 1
         span = window_trs + context
-        span_frames = math.ceil(span * tr_in_samples(tr) / g7.hop) + 1  # frames spanned, at most
+        span_frames = math.ceil(span * tr_samples(tr) / g7.hop) + 1  # frames spanned, at most
         self.prefix_length = self.ratio * (span_frames + 2 * self.margin)
         last = int(self.frames[-1]) + self.margin + 1 if n_trs else 0
         need = math.ceil(g7.first_centre + last * g7.hop + Fraction(g7.receptive_field - 1, 2)) + 1

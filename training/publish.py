@@ -41,7 +41,8 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from hear_brainsoundnet import __version__
-from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, NAME_PATTERN, HubCheckpoint, ManifestEntry,
                                     ManifestError, load_manifest, write_manifest)
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 from .evaluate import HeldOutResults, parcel_values_to_img, render_brain_map
 

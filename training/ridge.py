@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.linalg
 
-from hear_brainsoundnet.checkpoints import atomic_write
+from hear_brainsoundnet.files import atomic_write
 
 MODEL_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "config.json"

@@ -824,7 +824,7 @@ class SyntheticDataset:
 
     def read_h5(self, subject: str):
         """The subject's runs from the HDF5 layout, with names and noise ceiling."""
-        from training.data.fmri import read_algonauts_h5
+        from .data.fmri import read_algonauts_h5
 
         brain = read_algonauts_h5(self.h5_path(subject), subject, tr=self.tr, target_names=list(self.target_names))
         brain.noise_ceiling = self.noise_ceiling(subject)
@@ -832,7 +832,7 @@ class SyntheticDataset:
 
     def read_fmriprep(self, subject: str, **kwargs: Any):
         """The subject's runs from the NIfTI layout (parcels by default; ``mask=`` for voxels)."""
-        from training.data.fmri import read_fmriprep
+        from .data.fmri import read_fmriprep
 
         if "mask" not in kwargs:
             kwargs.setdefault("atlas", self.atlas)

@@ -61,7 +61,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from hear_brainsoundnet.checkpoints import atomic_write, load_checkpoint, load_pretrained
+from hear_brainsoundnet.checkpoints import load_checkpoint, load_pretrained
+
+from hear_brainsoundnet.files import atomic_write
 from hear_brainsoundnet.soundnet import SoundNet8
 
 from .batches import (DataSplits, EpisodeSet, batch_errors, batches_of, fit_head_statistics,

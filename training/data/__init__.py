@@ -14,9 +14,9 @@ training windows (:mod:`~training.data.windows`).  A typical pipeline::
 Every data problem raises :class:`DataError`, naming the file at fault.
 """
 
-from training.data._io import is_unfetched, require_file
-from training.data.errors import DataError
-from training.data.fmri import (
+from ._io import is_unfetched, require_file
+from .errors import DataError
+from .fmri import (
     DEFAULT_CONFOUNDS,
     DEFAULT_SPACE,
     DEFAULT_TR,
@@ -30,7 +30,7 @@ from training.data.fmri import (
     read_npz_cache,
     write_npz_cache,
 )
-from training.data.pairing import (
+from .pairing import (
     PairedRun,
     Split,
     SplitRuns,
@@ -42,8 +42,8 @@ from training.data.pairing import (
     split_runs,
     whole_episode,
 )
-from training.data.stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli, scan_stimuli
-from training.data.windows import WindowDataset, make_example, tr_boundaries, window_samples, window_starts
+from .stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli, scan_stimuli
+from .windows import WindowDataset, make_example, tr_boundaries, window_samples, window_starts
 
 __all__ = [
     "DEFAULT_CONFOUNDS",

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from hear_brainsoundnet.checkpoints import atomic_write
-from training.data.errors import DataError
+from hear_brainsoundnet.files import atomic_write
+from .errors import DataError
 
 __all__ = [
     "atomic_save_npy",

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from training.data._io import (
+from ._io import (
     atomic_save_npy,
     atomic_save_npz,
     atomic_write_text,
@@ -47,7 +47,7 @@ from training.data._io import (
     hash_key,
     require_file,
 )
-from training.data.errors import DataError
+from .errors import DataError
 
 __all__ = [
     "DEFAULT_CONFOUNDS",

@@ -12,7 +12,7 @@ Rules (each is tested):
    a subject rarely has them all).
 3. **Audio shorter than the run**: TR ``i`` covers the audio samples
    ``[b(i), b(i+1))`` with ``b(i) = round(i * TR * sample_rate)`` (see
-   :func:`training.data.windows.tr_boundaries`).  The run keeps only its volumes whose
+   :func:`training.timebase.tr_boundaries`).  The run keeps only its volumes whose
    TR is fully covered by audio; the rest are trimmed off the end.  Trimming more than
    ``warn_trim_trs`` volumes (default 2) warns; more than ``max_trim_trs`` (default 20,
    about 30 s) is a :class:`~training.data.errors.DataError`: the audio probably belongs to
@@ -44,9 +44,9 @@ from typing import Protocol
 
 import numpy as np
 
-from training.data.errors import DataError
-from training.data.fmri import BrainRuns, _natural_key
-from training.data.windows import tr_boundaries
+from .errors import DataError
+from .fmri import BrainRuns, _natural_key
+from ..timebase import tr_boundaries
 
 __all__ = [
     "PairedRun",

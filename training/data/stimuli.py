@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data._io import atomic_save_npy, file_identity, hash_key, is_unfetched
-from training.data.errors import DataError
+from ._io import atomic_save_npy, file_identity, hash_key, is_unfetched
+from .errors import DataError
 
 __all__ = [
     "AUDIO_EXTENSIONS",

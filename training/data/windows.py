@@ -48,8 +48,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..timebase import tr_boundaries, window_samples
+
 if TYPE_CHECKING:  # pragma: no cover
-    from training.data.pairing import PairedRun
+    from .pairing import PairedRun
 
 try:
     from torch.utils.data import Dataset as _TorchDataset
@@ -57,47 +59,6 @@ except ImportError:  # pragma: no cover - torch is a dependency of training/
     _TorchDataset = object
 
 __all__ = ["WindowDataset", "make_example", "tr_boundaries", "window_samples", "window_starts"]
-
-
-def _tr_microseconds(tr: float) -> int:
-    tr_us = int(round(float(tr) * 1e6))
-    if tr_us <= 0:
-        raise ValueError(f"TR must be positive, got {tr!r}")
-    return tr_us
-
-
-def tr_boundaries(n_trs: int, tr: float, sample_rate: int, start: int = 0) -> np.ndarray:
-    """Sample indices of the boundaries of TRs ``start`` .. ``start + n_trs``.
-
-    Parameters
-    ----------
-    n_trs : :obj:`int`
-        Number of TRs.
-    tr : :obj:`float`
-        Repetition time in seconds (used to the microsecond).
-    sample_rate : :obj:`int`
-        Audio sample rate.
-    start : :obj:`int`, default=0
-        Index of the first TR.
-
-    Returns
-    -------
-    :class:`numpy.ndarray`
-        int64, shape ``(n_trs + 1,)``: ``b(start), ..., b(start + n_trs)`` with
-        ``b(i) = floor(i * TR * sample_rate + 1/2)`` computed in exact integers.
-    """
-    index = np.arange(start, start + n_trs + 1, dtype=np.int64)
-    return (index * _tr_microseconds(tr) * int(sample_rate) + 500_000) // 1_000_000
-
-
-def window_samples(window_trs: int, tr: float, sample_rate: int) -> int:
-    """Audio samples of a window of ``window_trs`` TRs: the longest any such window spans.
-
-    ``b(t + n) - b(t)`` is ``floor`` or ``ceil`` of ``n * TR * sample_rate``; this returns
-    the ceiling, so every window of the dataset has the same length.
-    """
-    total = int(window_trs) * _tr_microseconds(tr) * int(sample_rate)
-    return -(-total // 1_000_000)
 
 
 def window_starts(n_trs: int, window_trs: int, *, last: Literal["shift", "drop"] = "shift") -> list[int]:
