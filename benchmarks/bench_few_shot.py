@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from training.few_shot import run_few_shot
-    from training.hear_eval import write_task_suite
+    from training.hear_tasks import write_task_suite
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_few_shot_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ peaks of anonymous memory, ``RssAnon``, and of file pages mapped in, ``RssFile``
 
 1. **generate**: the streaming generator (one soundtrack and one run in memory at a time);
 2. **decode**: read every brain file, decode and resample the split's soundtracks to
-   22,050 Hz float32 (the audio cache; :func:`training.batches.prepare_data`);
+   22,050 Hz float32 (the audio cache; :func:`training.data.loading.prepare_data`);
 3. **head** and **conv4**: one epoch each (``--epochs``) of ``python -m training.train``
    with the study's settings for sub-01 (80-TR windows, kernel 7, lr 1e-5): the frozen
    layers' features are computed and cached first (the "feature cache" time, from the
@@ -58,7 +58,7 @@ print("seconds", time.perf_counter() - t)
 DECODE = """
 import sys, time
 from training.config import load_config
-from training.batches import prepare_data
+from training.data.loading import prepare_data
 config = load_config(sys.argv[1])
 t = time.perf_counter()
 prepare_data(config)

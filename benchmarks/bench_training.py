@@ -46,7 +46,7 @@ CASES = [("head", "frozen-eval"), ("conv7", "frozen-eval"), ("conv6", "frozen-ev
 
 def make_episodes(n_episodes: int, n_trs: int, n_targets: int):
     """Episodes of natural-like audio with random z-scored targets (speed is content-blind)."""
-    from training.batches import Episode
+    from training.data import Episode
 
     rng = np.random.default_rng(0)
     base = natural_like_base(60.0)
@@ -113,7 +113,7 @@ def time_condition(condition: str, batchnorm: str, cached: bool, episodes, args)
 
 def full_run(episodes, args) -> list[dict]:
     """Two epochs of the real loop (conv4, cached) on the same episodes; its curves' figures."""
-    from training.batches import DataSplits
+    from training.data import DataSplits
     from training.config import load_config
     from training.data import Split
     from training.train import train

@@ -4,8 +4,11 @@ A checkpoint is a single ``.safetensors`` file (no pickles anywhere). Its metada
 entry, ``hear-brainsoundnet``: the JSON config with ``format``, ``format_version``, the
 architecture, sample rate, input scaling, the layers present, optional extra tensors (e.g. a
 brain-encoding head kept alongside the backbone) and provenance (source weights, training
-data, subjects, condition, metrics, code version). Loading checks every tensor's name, shape and dtype against the architecture and
-refuses anything else with an error that names the file.
+data, subjects, condition, metrics, code version). Loading checks every tensor's name, shape
+and dtype against the architecture and refuses anything else with an error that names the file.
+A training run's model is such a checkpoint (its brain heads are extra tensors, described in
+the config's ``extra.brain_head``: see ``training.model``); a run model of the retired format
+before that is refused with a message saying what to do.
 
 Headers are parsed by hand before safetensors sees them, so every malformed one (a JSON list,
 nesting too deep, tensors without offsets, a config of the wrong types or a NaN input scale)
@@ -39,6 +42,9 @@ FORMAT = "hear-brainsoundnet"
 FORMAT_VERSION = 1
 ARCHITECTURE = "soundnet8"
 EXTRA_PREFIX = "extra."
+# The metadata key of a training run's best model before that model became a checkpoint of this
+# format: named so that such a file is refused with a message saying what to do.
+RETIRED_RUN_MODEL_FORMAT = "hear-brainsoundnet-encoding-model"
 
 SOUND8_FILENAME = "sound8.npy"
 SOUND8_SHA256 = "7bef691761d00a23b027751bb8e7bdadc603a03f3bbec5574e7cd54c98a850c5"
@@ -193,6 +199,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     metadata = _read_header(path).get("__metadata__") or {}
+    if isinstance(metadata, dict) and RETIRED_RUN_MODEL_FORMAT in metadata:
+        raise CheckpointError(f"{path}: a training run's model in the retired {RETIRED_RUN_MODEL_FORMAT!r} "
+                              "format (written before a run's best model became a checkpoint); this "
+                              "version cannot read it: train the run again (delete its run directory or "
+                              "choose a new run.name)")
     if not isinstance(metadata, dict) or FORMAT not in metadata:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (its safetensors metadata has no "
                               f"{FORMAT!r} entry); convert it or pass the right file")

@@ -48,7 +48,7 @@ from .soundnet import BACKBONE_LAYERS, HEAD_LAYERS, Block, BlockSpec, SoundNet8,
 # would be 16 columns and run at half the speed. From conv2 on, C_in * kernel >= 512 already
 # makes a good product with R = 1; but conv2's 16 products of 32 columns split badly across
 # threads, and R = 4 (5 products of 128 columns, 1.25x the FLOPs) is faster there on 2
-# threads (7.4 vs 10.1 ms per minute of audio) though slower on one (12.1 vs 10.4 ms).
+# threads though slower on one (measure with benchmarks/bench_embeddings.py before changing).
 OUTPUTS_PER_ROW = {"conv1": (8, 8), "conv2": (1, 4)}
 # Bytes of product output per block: small enough to stay in a core's L2 cache (2 MB here)
 # together with the weights, large enough for the product to amortise its set-up.

@@ -11,9 +11,9 @@ import torch
 from hear_brainsoundnet.checkpoints import load_pretrained
 from hear_brainsoundnet.soundnet import SoundNet8
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
-from training.batches import load_splits
 from training.brain_score import check_held_out, data_annotations, main, make_source, ridge_scores
 from training.config import ConfigError, load_config
+from training.data.loading import load_splits
 from training.evaluate import read_table
 from training.features import (FeatureError, HearModuleFeatures, LogMelFeatures, SoundNetFeatures, TRPooler,
                                load_soundnet)
@@ -131,6 +131,7 @@ def test_command_writes_table_models_and_maps_for_this_packages_module(setting, 
     assert {"r", "r2", "z", "chance_sd_r", "kind", "ceiling_r", "best_alpha"} <= set(table.columns)
     markdown = (out / "encoding_table.md").read_text()
     assert "mean_r_auditory" in markdown and "of 6" in markdown
+    assert f"Command: `python -m training.brain_score hear_brainsoundnet --config {config_path} --out" in markdown
     for subject in ("sub-01", "sub-02"):
         assert (out / "maps" / f"map_r_{subject}.png").stat().st_size > 1000
         assert (out / "maps" / f"map_r_{subject}.html").is_file()
@@ -187,11 +188,9 @@ def test_timestamps_are_pooled_into_their_tr():
 
 
 def test_a_fine_tuned_runs_backbone_is_a_feature_source(tmp_path):
-    from training.state import save_model
-
     backbone = SoundNet8()
     model = EncodingModel({"sub-01": 4}, kernel_trs=3, condition="conv4", backbone=backbone)
-    save_model(tmp_path / "run" / "best.safetensors", model)
+    model.save_pretrained(tmp_path / "run" / "best.safetensors")
     network, label = load_soundnet(tmp_path / "run")
     assert label == "run"
     for key, value in network.state_dict().items():

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import (STUDY_PRESETS, ConfigError, ExperimentConfig, config_from_dict, load_config,
-                             parse_override)
+from training.config import STUDY_PRESETS, ConfigError, ExperimentConfig, load_config, parse_override
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,8 +44,6 @@ def test_every_study_preset_applies(subject: str) -> None:
 def test_integers_are_accepted_for_floats_and_round_trip(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "[train]\nlr = 1\nweight_decay = 0\n"))
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
-    again = config_from_dict(config.to_dict())
-    assert again == config
     reread = load_config(write(tmp_path, config.to_toml()))
     assert reread == config
 
@@ -154,3 +151,92 @@ def test_shipped_real_data_configs_state_the_study_settings() -> None:
     assert friends.data.source == "algonauts" and not friends.data.brain_file
     assert (friends.data.train_seasons, friends.data.test_seasons) == ([1, 2, 3], [4])
     assert (friends.train.window_trs, friends.model.kernel_trs, friends.train.lr) == (80, 7, 1e-5)
+
+
+# ---- the Literal choices -------------------------------------------------------------------------
+
+def _literal_keys() -> dict[str, tuple[str, ...]]:
+    """Every config key annotated with a Literal (or a list of one) and its allowed values."""
+    import typing
+
+    from training.config import SECTIONS
+
+    keys = {}
+    for section, cls in SECTIONS.items():
+        for name, annotation in typing.get_type_hints(cls).items():
+            if typing.get_origin(annotation) is list:
+                (annotation,) = typing.get_args(annotation)
+            if typing.get_origin(annotation) is typing.Literal:
+                keys[f"{section}.{name}"] = typing.get_args(annotation)
+    return keys
+
+
+def test_the_fixed_choices_are_literal_types_and_their_exported_names() -> None:
+    import typing
+
+    from training import config as c
+
+    keys = _literal_keys()
+    assert keys["model.condition"] == c.CONDITIONS == ("head", "conv7", "conv6", "conv5", "conv4", "null")
+    assert keys["model.batchnorm"] == c.BATCHNORM_MODES == ("frozen-eval", "eval", "batch-stats")
+    assert keys["subjects.mode"] == c.SUBJECT_MODES and keys["data.source"] == c.DATA_SOURCES
+    assert keys["data.confounds"] == c.CONFOUND_STRATEGIES and keys["data.standardize"] == c.STANDARDIZE
+    for level in ("confounds_motion", "confounds_wm_csf", "confounds_global_signal"):
+        assert keys[f"data.{level}"] == c.CONFOUND_LEVELS
+    assert typing.get_args(c.Condition) == c.CONDITIONS
+
+
+def test_synthetic_sizes_are_the_generators_sizes() -> None:
+    from training.config import SYNTHETIC_SIZES
+    from training.synthetic import SIZES
+
+    assert set(SYNTHETIC_SIZES) == set(SIZES)
+    for size in SIZES:
+        assert load_config(None, [f"data.synthetic_size={size}"]).data.synthetic_size == size
+
+
+@pytest.mark.parametrize("key", sorted(_literal_keys()))
+def test_every_literal_key_accepts_its_choices_and_refuses_others(key: str) -> None:
+    """Each choice of each Literal key loads (from a file's value) and a value outside them is
+    refused naming the key, the value and every choice; a non-string names the type."""
+    choices = _literal_keys()[key]
+    is_list = key == "data.confounds"
+    needs = {"subjects.mode=loso": ["subjects.ids=['sub-01', 'sub-02']", "subjects.held_out=sub-02"]}
+    for choice in choices:
+        value = f"['{choice}']" if is_list else f"'{choice}'"
+        config = load_config(None, [f"{key}={value}", *needs.get(f"{key}={choice}", [])])
+        section, name = key.split(".")
+        got = getattr(getattr(config, section), name)
+        assert got == ([choice] if is_list else choice)
+    bad = "['no-such']" if is_list else "'no-such'"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"{key}={bad}"])
+    shown = f"{key}[0]" if is_list else key
+    assert f"{shown} = 'no-such'; choose one of {', '.join(choices)}" in str(error.value)
+    with pytest.raises(ConfigError, match=rf"{key}(\[0\])? must be str, got int 3"):
+        load_config(None, [f"{key}={'[3]' if is_list else '3'}"])
+
+
+def test_values_set_directly_are_checked_by_validate() -> None:
+    """The check lives in validate(), so a config built in code is held to the same choices."""
+    config = ExperimentConfig()
+    config.model.condition = "conv9"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="built in code: model.condition = 'conv9'; choose one of head, conv7"):
+        config.validate("built in code")
+    config.model.condition = "conv5"
+    config.data.confounds = ["motion", "scrubbing"]  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"data.confounds\[1\] = 'scrubbing'"):
+        config.validate()
+
+
+def test_update_sets_dotted_keys_with_the_files_checks() -> None:
+    config = load_config(None)
+    assert config.update({"train.max_epochs": 3, "train.lr": 1, "model.condition": "head"}, "my values") is config
+    assert (config.train.max_epochs, config.train.lr, config.model.condition) == (3, 1.0, "head")
+    assert isinstance(config.train.lr, float)
+    with pytest.raises(ConfigError, match="my values: train.max_epochs must be int, got str '3'"):
+        config.update({"train.max_epochs": "3"}, "my values")
+    with pytest.raises(ConfigError, match="my values: unknown key 'train.epochs'"):
+        config.update({"train.epochs": 3}, "my values")
+    with pytest.raises(ConfigError, match="my values: model.batchnorm = 'frozen'; choose one of"):
+        config.update({"model.batchnorm": "frozen"}, "my values")

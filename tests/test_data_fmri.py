@@ -1,4 +1,4 @@
-"""Tests of training.data.fmri: fMRIPrep (nilearn), Algonauts HDF5 and array-cache readers."""
+"""Tests of training.data.fmri: the fMRIPrep masker (nilearn), Algonauts HDF5 and array-cache readers."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from tests.fixtures_data import bold_path, copy_runs, tiny_dataset  # noqa: F401
 from training.data import (
     BrainRuns,
     DataError,
+    FmriprepMasker,
+    find_fmriprep_runs,
     read_algonauts_h5,
     read_fmriprep,
     read_npz_cache,
     write_npz_cache,
 )
-from training.data import fmri as fmri_module
+from training.data.fmri import fmriprep as fmriprep_module
 
 # float32 voxels around 1000 limit the agreement of the two layouts to about 1e-4 after
 # z-scoring; reading without confounds misses by about 1 (see test_confounds_are_applied).
@@ -72,6 +74,23 @@ def test_voxel_mask_reader_matches_the_parcels(tiny_dataset):
             np.testing.assert_allclose(z, h5.runs[episode][:, label - 1], atol=TOLERANCE)
 
 
+def test_the_masker_fits_once_and_transforms_each_run_as_read_fmriprep_does(tiny_dataset):
+    ds = tiny_dataset
+    brain = read_fmriprep(ds.fmriprep_dir, "sub-01", atlas=ds.atlas, episodes=["s01e01a", "s02e01a"])
+    runs = find_fmriprep_runs(ds.fmriprep_dir, "sub-01")
+    masker = FmriprepMasker(atlas=ds.atlas)
+    with pytest.raises(RuntimeError, match="before fit"):
+        masker.transform(runs["s01e01a"])
+    assert masker.fit([runs["s01e01a"], runs["s02e01a"]], tr=1.49) is masker
+    assert masker.tr_ == 1.49 and masker.target_names_ == brain.target_names
+    for episode in brain.episodes:
+        np.testing.assert_array_equal(masker.transform(runs[episode]), brain.runs[episode])
+    with pytest.raises(DataError, match="inconsistent with the expected tr"):
+        FmriprepMasker(atlas=ds.atlas).fit([runs["s01e01a"]], tr=2.0)
+    with pytest.raises(ValueError, match="exactly one of atlas"):
+        FmriprepMasker()
+
+
 def test_extraction_is_cached(tiny_dataset, tmp_path, monkeypatch):
     ds = tiny_dataset
     kwargs = {"atlas": ds.atlas, "episodes": ["s01e01a", "s03e01b"], "cache_dir": tmp_path / "cache"}
@@ -83,7 +102,7 @@ def test_extraction_is_cached(tiny_dataset, tmp_path, monkeypatch):
     def no_extraction(*args, **kwargs):
         raise AssertionError("extraction ran again although cached")
 
-    monkeypatch.setattr(fmri_module, "_extract_run", no_extraction)
+    monkeypatch.setattr(fmriprep_module, "_extract_run", no_extraction)
     second = read_fmriprep(ds.fmriprep_dir, "sub-01", **kwargs)
     assert [f.stat().st_mtime_ns for f in files] == stamps
     for episode in first.episodes:

@@ -19,8 +19,8 @@ from training.data import (
     split_by_season,
     split_from_lists,
     split_runs,
-    tr_boundaries,
 )
+from training.timebase import tr_boundaries
 
 RATE = 1000  # a low sample rate keeps the in-memory waveforms small
 TR = 1.49

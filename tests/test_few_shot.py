@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import few_shot, few_shot_stats
-from training.few_shot import (FewShotError, PointStore, SkipPoint, draw_indices, fold_plans,
-                               read_task_meta, run_few_shot)
+from training import few_shot, few_shot_data, few_shot_predictors, few_shot_stats
+from training.few_shot import PointStore, run_few_shot
+from training.few_shot_data import FewShotError, SkipPoint, draw_indices, fold_plans, read_task_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,9 +177,9 @@ def test_task_without_validation_split_carves_a_seeded_stratified_one(tmp_path):
     # 20 per class minus the 4 carved out: 16 shots fit, 17 do not.
     assert sorted(set(result.scores["k"])) == [1, 16]
     assert any("k=17 is larger than the smallest class" in m for m in messages)
-    pool, valid = few_shot.carve_validation(few_shot.read_split(meta, "train"), seed=0, task=meta.name, fold=0)
+    pool, valid = few_shot_data.carve_validation(few_shot_data.read_split(meta, "train"), seed=0, task=meta.name, fold=0)
     assert not set(pool.files) & set(valid.files) and len(valid.files) == 16
-    again = few_shot.carve_validation(few_shot.read_split(meta, "train"), seed=0, task=meta.name, fold=0)[1]
+    again = few_shot_data.carve_validation(few_shot_data.read_split(meta, "train"), seed=0, task=meta.name, fold=0)[1]
     assert again.files == valid.files
 
 
@@ -244,9 +244,9 @@ def test_multilabel_task_draws_k_per_label_and_scores_map(tmp_path):
                                                          "test": split("test", 40)},
                          vocabulary=vocab, evaluation=("mAP", "d_prime"), prediction_type="multilabel")
     meta = read_task_meta(tmp_path / "emb" / "hear_module" / "ml-v1-full")
-    train = few_shot.read_split(meta, "train")
+    train = few_shot_data.read_split(meta, "train")
     index = draw_indices(train.labels, 3, seed=0, task=meta.name, fold=0, draw=0, multilabel=True)
-    counts = few_shot.class_counts([train.labels[i] for i in index])
+    counts = few_shot_data.class_counts([train.labels[i] for i in index])
     assert all(counts[v] >= 3 for v in vocab) and len(index) <= 9
     result = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1, 8), draws=2, baseline=None,
                           progress=False, log=quiet)
@@ -384,7 +384,7 @@ def test_a_task_without_validation_split_says_so_again_on_resume_from_labels_alo
     first = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1, 9), draws=1, baseline=None,
                          progress=False, log=quiet)
     loaded = []
-    monkeypatch.setattr(few_shot.np, "load", lambda *a, **k: loaded.append(a) or np.zeros(1))
+    monkeypatch.setattr(few_shot_data.np, "load", lambda *a, **k: loaded.append(a) or np.zeros(1))
     again = run_few_shot({"m": tmp_path / "emb"}, tmp_path / "out", ks=(1, 9), draws=1, baseline=None,
                          progress=False, log=quiet)
     assert loaded == [] and again.skipped == first.skipped
@@ -490,7 +490,7 @@ def test_end_to_end_from_heareval_embeddings_runner_and_the_command_line(tmp_pat
 def test_heareval_predictor_trains_on_the_probes_k_shot_files(tmp_path, monkeypatch):
     """heareval's own predictor end to end (its real predictions runner, hear-eval's tiny grid)
     on the very files the probe drew; both predictors' points share the folder, never mix."""
-    from training.hear_eval import SUITES
+    from training.hear_tasks import SUITES
 
     task = separable_task(tmp_path / "emb", True, train=5, valid=3, test=6, dim=8,
                           evaluation_params={"task_specific_param_grid": SUITES["tiny"]["grid"]})
@@ -573,13 +573,13 @@ def test_probe_in_the_span_of_the_training_rows_equals_the_full_fit():
 
     rng = np.random.default_rng(11)
     vocab = list(CLASSES)
-    splits = [few_shot.Split(*(lambda f, l, X: (tuple(f), tuple(map(tuple, l)), X.astype(np.float32)))(
+    splits = [few_shot_data.Split(*(lambda f, l, X: (tuple(f), tuple(map(tuple, l)), X.astype(np.float32)))(
         *separable_split(rng, s, {c: n for c in CLASSES}, 200, True, 1.5))) for s, n in
         (("train", 3), ("valid", 10), ("test", 25))]
     train, valid, test = splits
     y = [l[0] for l in train.labels]
     for C in (1e-2, 1.0, 100.0):
-        ours = few_shot.fit_probe(train, valid, test, vocab, "top1_acc", False, [C])
+        ours = few_shot_predictors.fit_probe(train, valid, test, vocab, "top1_acc", False, [C])
         full = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, tol=1e-8)).fit(train.X, y)
         expected = np.mean(full.predict(test.X) == np.array([l[0] for l in test.labels]))
         assert ours.score == pytest.approx(expected) and ours.C == C and 0.3 < expected < 0.95

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import hear_eval, hear_tasks
+from training import hear_eval, hear_scores, hear_task_validation, hear_tasks
 from training.evaluate import read_table
-from training.hear_eval import CheckpointSpec, TaskError
+from training.hear_eval import CheckpointSpec
+from training.hear_task_validation import TaskError
 
 FIXTURE = Path(__file__).parent / "data" / "heareval_output"
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ GRID = {"hidden_layers": [1], "hidden_dim": [64], "max_epochs": [20], "patience"
 
 
 def _scores(label: str, task: str) -> dict:
-    return json.loads((FIXTURE / label / "hear_brainsoundnet" / task / hear_eval.SCORES_FILE).read_text())
+    return json.loads((FIXTURE / label / "hear_brainsoundnet" / task / hear_scores.SCORES_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def _scores(label: str, task: str) -> dict:
 @pytest.fixture(scope="module")
 def collected():
     runs = {label: FIXTURE / label for label in ("pretrained", "perturbed")}
-    return hear_eval.collect_scores(runs)
+    return hear_scores.collect_scores(runs)
 
 
 def test_collect_reads_every_task_and_checkpoint(collected):
@@ -77,13 +78,13 @@ def test_kfold_values_are_the_aggregated_mean_and_std(collected):
 
 
 def test_tables_and_chart(collected, tmp_path):
-    files = hear_eval.write_tables(collected, tmp_path)
+    files = hear_scores.write_tables(collected, tmp_path)
     markdown = files["md"].read_text()
     kfold = _scores("pretrained", "synth_kfold-v1-full")["aggregated_scores"]
     assert f"{kfold['test_top1_acc_mean']:.3f} ± {kfold['test_top1_acc_std']:.3f}" in markdown
     header = markdown.splitlines()[0]
     assert header.index("pretrained") < header.index("perturbed")  # checkpoints in given order
-    table = hear_eval.primary_table(collected)
+    table = hear_scores.primary_table(collected)
     assert table.shape == (4, 4)  # task, metric, two checkpoints
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = read_table(files["csv"])
@@ -96,13 +97,13 @@ def test_infinity_and_unfinished_tasks(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE / "pretrained", run)
     task = run / "hear_brainsoundnet" / "synth_scene-v1-full"
-    text = (task / hear_eval.SCORES_FILE).read_text()
+    text = (task / hear_scores.SCORES_FILE).read_text()
     raw = json.loads(text)
     raw["test"]["test_loss"] = math.inf
-    (task / hear_eval.SCORES_FILE).write_text(json.dumps(raw, indent=4))
-    assert "Infinity" in (task / hear_eval.SCORES_FILE).read_text()
-    (run / "hear_brainsoundnet" / "synth_pitch-v1-full" / hear_eval.PREDICTION_DONE).unlink()
-    scores = hear_eval.collect_scores({"x": run})
+    (task / hear_scores.SCORES_FILE).write_text(json.dumps(raw, indent=4))
+    assert "Infinity" in (task / hear_scores.SCORES_FILE).read_text()
+    (run / "hear_brainsoundnet" / "synth_pitch-v1-full" / hear_scores.PREDICTION_DONE).unlink()
+    scores = hear_scores.collect_scores({"x": run})
     assert "synth_pitch" not in set(scores["task"])
     loss = scores[(scores["task"] == "synth_scene") & (scores["metric"] == "loss")]["value"].item()
     assert loss == math.inf
@@ -111,9 +112,9 @@ def test_infinity_and_unfinished_tasks(tmp_path):
 def test_unreadable_scores_name_the_file(tmp_path):
     task = tmp_path / "m" / "t"
     task.mkdir(parents=True)
-    (task / hear_eval.SCORES_FILE).write_text("{not json")
+    (task / hear_scores.SCORES_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"t/test.predicted-scores.json: unreadable"):
-        hear_eval.read_scores(task)
+        hear_scores.read_scores(task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def test_a_generated_task_is_valid(scene):
-    info = hear_eval.validate_task(scene, known_scores=KNOWN)
+    info = hear_task_validation.validate_task(scene, known_scores=KNOWN)
     assert info.name == "synth_scene-v1-full" and info.primary_score == "top1_acc"
     assert info.splits == ("train", "valid", "test")
 
@@ -142,13 +143,13 @@ def test_test_set_sizes_count_the_test_clips(tmp_path):
     hear_tasks.scene_task(tasks, per_class=2, duration=0.5)  # 4 classes x 1 test clip
     hear_tasks.kfold_task(tasks, per_class=3, duration=0.5)  # 3 folds of 3 classes x 3 clips
     hear_tasks.pitch_task(tasks, per_pitch=2, duration=0.5)  # 12 pitches x 1 test clip
-    infos, problems = hear_eval.scan_tasks(tasks)
+    infos, problems = hear_task_validation.scan_tasks(tasks)
     assert not problems
-    assert hear_eval.test_set_sizes(infos) == {"synth_kfold": (9, 9, 9), "synth_pitch": (12,), "synth_scene": (4,)}
+    assert hear_task_validation.test_set_sizes(infos) == {"synth_kfold": (9, 9, 9), "synth_pitch": (12,), "synth_scene": (4,)}
     # pre-split folds count the same way
     _edit_json(tasks / "synth_kfold-v1-full" / "task_metadata.json", lambda m: m.update(split_mode="presplit_kfold"))
-    infos, problems = hear_eval.scan_tasks(tasks)
-    assert not problems and hear_eval.test_set_sizes(infos)["synth_kfold"] == (9, 9, 9)
+    infos, problems = hear_task_validation.scan_tasks(tasks)
+    assert not problems and hear_task_validation.test_set_sizes(infos)["synth_kfold"] == (9, 9, 9)
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -170,7 +171,7 @@ def test_test_set_sizes_count_the_test_clips(tmp_path):
 def test_malformed_task_errors_name_the_task_and_file(scene, breakage, message):
     breakage(scene)
     with pytest.raises(TaskError, match=message) as error:
-        hear_eval.validate_task(scene, known_scores=KNOWN)
+        hear_task_validation.validate_task(scene, known_scores=KNOWN)
     assert "synth_scene-v1-full" in str(error.value)
 
 
@@ -187,11 +188,11 @@ def test_integer_labelled_tasks_are_valid_and_match_heareval_lookup(numeric_task
     import pandas as pd
     from heareval.score import label_vocab_as_dict
 
-    infos, problems = hear_eval.scan_tasks(numeric_tasks)
+    infos, problems = hear_task_validation.scan_tasks(numeric_tasks)
     assert problems == {}
     assert [i.name for i in infos] == ["synth_count_int-v1-full", "synth_events_int-v1-full",
                                        "synth_mixture_int-v1-full", "synth_pitch_int-v1-full"]
-    assert hear_eval.test_set_sizes(infos) == {"synth_count_int": (9, 9, 9), "synth_events_int": (8,),
+    assert hear_task_validation.test_set_sizes(infos) == {"synth_count_int": (9, 9, 9), "synth_events_int": (8,),
                                                "synth_mixture_int": (6,), "synth_pitch_int": (12,)}
     pitch = numeric_tasks / "synth_pitch_int-v1-full"
     assert (pitch / "labelvocabulary.csv").read_text().splitlines()[:2] == ["idx,label", "0,60"]
@@ -234,7 +235,7 @@ def test_numeric_labels_compared_as_heareval_does(numeric_tasks, task, breakage,
     path = numeric_tasks / f"{task}-v1-full"
     breakage(path)
     with pytest.raises(TaskError, match=message) as error:
-        hear_eval.validate_task(path, known_scores=KNOWN + ("d_prime",))
+        hear_task_validation.validate_task(path, known_scores=KNOWN + ("d_prime",))
     assert path.name in str(error.value)
 
 
@@ -242,7 +243,7 @@ def test_string_labels_that_look_numeric_match_integer_vocabulary(numeric_tasks)
     """JSON "60" and JSON 60 are the same label to heareval (str of either is "60")."""
     path = numeric_tasks / "synth_pitch_int-v1-full"
     _edit_json(path / "train.json", lambda m: m.update({k: [str(v[0])] for k, v in m.items()}))
-    assert hear_eval.validate_task(path, known_scores=KNOWN).split_sizes == (36, 12, 12)
+    assert hear_task_validation.validate_task(path, known_scores=KNOWN).split_sizes == (36, 12, 12)
 
 
 def test_malformed_task_stops_the_command_unless_skipped(tmp_path):
@@ -260,17 +261,17 @@ def test_malformed_task_stops_the_command_unless_skipped(tmp_path):
     assert "broken-v1-full" in result.stderr and "--skip-malformed" in result.stderr
     assert "1 malformed task folder(s), nothing was run" in result.stderr
     assert not (out / "embeddings").exists()
-    with pytest.raises(hear_eval.MalformedTasksError, match="broken-v1-full") as error:
+    with pytest.raises(hear_task_validation.MalformedTasksError, match="broken-v1-full") as error:
         hear_eval.run_hear_eval([CheckpointSpec.parse("pretrained")], tasks, out, log=lambda _: None)
     assert list(error.value.problems) == ["broken-v1-full"]
 
 
 def test_skipped_tasks_are_named_under_the_table(collected, tmp_path):
-    files = hear_eval.write_tables(collected, tmp_path, skipped={"broken-v1-full": "task broken-v1-full: lacks x"})
+    files = hear_scores.write_tables(collected, tmp_path, skipped={"broken-v1-full": "task broken-v1-full: lacks x"})
     markdown = files["md"].read_text()
     assert "Skipped 1 malformed task folder(s) (not scored):" in markdown
     assert "- `broken-v1-full`: task broken-v1-full: lacks x" in markdown
-    assert "Skipped" not in hear_eval.write_tables(collected, tmp_path / "plain")["md"].read_text()
+    assert "Skipped" not in hear_scores.write_tables(collected, tmp_path / "plain")["md"].read_text()
 
 
 def test_checkpoint_spec_parsing():
@@ -332,7 +333,7 @@ def test_interrupted_run_resumes_and_reports_failures(workspace):
     assert first.exists(), "the embeddings of the first checkpoint never finished"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not _done_marker(out, "pretrained", hear_eval.PREDICTION_DONE).exists()
+    assert not _done_marker(out, "pretrained", hear_scores.PREDICTION_DONE).exists()
     embedded_at = first.stat().st_mtime_ns
 
     # 2. Resume: the first checkpoint's embeddings are not redone, the corrupt checkpoint is

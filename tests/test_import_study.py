@@ -145,11 +145,12 @@ def test_brain_head_reproduces_the_studys_head(study, tmp_path):
     """On the same conv7 frames, the imported head gives the study's encoding_fmri output for the
     same TR when this project's column for TR t holds study frame t + 1 (the study's frame of TR t
     is this project's frame of TR t - 1: see the alignment in the module docstring)."""
-    from training.publish import load_brain_model
+    from training.model import EncodingModel
 
     model, path = study
     out = import_study(path, tmp_path / "out.safetensors")
-    encoding, head = load_brain_model(out)
+    encoding = EncodingModel.from_pretrained(out)
+    head = read_config(out)["extra"]["brain_head"]
     k, n = 3, 12
     torch.manual_seed(1)
     emb = torch.rand(1024, n + 1)  # study frames 0..n
@@ -162,7 +163,7 @@ def test_brain_head_reproduces_the_studys_head(study, tmp_path):
         ours = encoding.head("sub-03", columns, valid)[0]
     assert ours.shape == (n, 5)
     torch.testing.assert_close(ours, study_out, rtol=1e-5, atol=1e-5)
-    assert head["tr"] == 1.49 and encoding.kernel_trs == 4
+    assert head["tr"] == encoding.tr == 1.49 and encoding.kernel_trs == 4
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle below, on purpose

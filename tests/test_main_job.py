@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from training.cli import SIZES, run_main_job
+from training.main_job import SIZES, run_main_job
 from training.evaluate import read_table
 
 
@@ -35,6 +35,7 @@ def test_report_has_every_section_and_figure(job):
     assert (figures / "map_r_conv4_sub-01.html").stat().st_size > 10_000
     for match in re.findall(r"\]\((figures/[^)]+)\)", text):  # every link resolves
         assert (report / match).is_file(), match
+    assert "python -m training main --size tiny --seed 0" in text  # the command, as run from a clone
 
 
 def test_training_ran_every_condition_and_the_group(job):
@@ -56,20 +57,20 @@ def test_held_out_scores_are_the_models_real_predictions(job):
     """Recompute one model's held-out r and r2 from its saved file, independently of the job."""
     from sklearn.metrics import r2_score
 
-    from training.batches import load_splits
-    from training.cli import MainJob
-    from training.state import load_model
+    from training.data.loading import load_splits
+    from training.main_job import MainJob
+    from training.model import EncodingModel
 
     work, _, _ = job
     scores = read_table(work / "evaluation" / "scores.csv", dtype={"run": str, "target": str})
     main = MainJob(work, work / "unused", "tiny", 0, 2, False)
     splits = load_splits(main.config("check", "conv4", ["sub-01"]))
-    model, metadata = load_model(work / "runs" / "sub-01_conv4" / "best.safetensors")
+    model = EncodingModel.from_pretrained(work / "runs" / "sub-01_conv4" / "best.safetensors")
     episode = splits.test[0]
     truth = episode.targets["sub-01"]
     prediction = model.predict_run(episode.waveform, truth.shape[0], "sub-01", tr=splits.tr)
     rows = scores[(scores["model"] == "conv4") & (scores["subject"] == "sub-01") & (scores["run"] == episode.name)]
-    names = metadata["target_names"]["sub-01"]
+    names = model.target_names["sub-01"]
     assert list(rows["target"]) == names
     expected_r = [np.corrcoef(truth[:, j], prediction[:, j])[0, 1] for j in range(truth.shape[1])]
     np.testing.assert_allclose(rows["r"], expected_r, atol=1e-6)
@@ -147,12 +148,12 @@ def test_a_changed_dataset_design_is_refused_not_resumed(job, monkeypatch):
 def test_experiment_values_not_comments_fingerprint_a_work_folder(job, tmp_path, monkeypatch):
     import shutil
 
-    from training import cli
+    from training import main_job
 
     work, report, readme = job
     configs = tmp_path / "configs"
-    shutil.copytree(cli.CONFIGS_DIR, configs)
-    monkeypatch.setattr(cli, "CONFIGS_DIR", configs)
+    shutil.copytree(main_job.CONFIGS_DIR, configs)
+    monkeypatch.setattr(main_job, "CONFIGS_DIR", configs)
     conv4 = configs / "synthetic_conv4.toml"
     conv4.write_text("# an edited comment\n" + conv4.read_text())
     assert run_main_job(work, report, size="tiny", seed=0, threads=2, progress=False) == readme
@@ -235,7 +236,7 @@ def test_ridge_baselines_and_held_out_ceilings_are_in_the_evaluation(job):
 
 
 def test_seeds_add_runs_with_their_own_seed(tmp_path):
-    from training.cli import MainJob
+    from training.main_job import MainJob
 
     job = MainJob(tmp_path, tmp_path / "report", "tiny", 0, 1, False, seeds=3)
     runs = job.runs()
@@ -245,6 +246,74 @@ def test_seeds_add_runs_with_their_own_seed(tmp_path):
     assert job.config("sub-01_conv4", "conv4", ["sub-01"]).run.seed == 0
     with pytest.raises(SystemExit, match="at least 1 seed"):
         MainJob(tmp_path, tmp_path / "report", "tiny", 0, 1, False, seeds=0)
+
+
+@pytest.mark.parametrize("kind", ["head", "conv4", "null", "group"])
+def test_run_configs_are_the_experiment_files_with_the_jobs_values(tmp_path, kind):
+    """The job sets its values on the loaded experiment file: the result is what the command line
+    makes of the same file with those values as ``--set`` overrides (so a run's config.toml is
+    the file's), and only the job's keys differ from the file."""
+    from training.config import load_config
+    from training.main_job import CONFIGS_DIR, RUN_CONFIGS, MainJob
+
+    job = MainJob(tmp_path, tmp_path / "report", "tiny", 3, 2, False, seeds=2)
+    subjects = ["sub-01", "sub-02"] if kind == "group" else ["sub-02"]
+    name = f"x_{kind}_seed4"
+    config = job.config(name, kind, subjects)
+    values = {"run.name": name, "run.out_dir": str(tmp_path / "runs"), "run.seed": 4, "run.threads": 2,
+              "run.progress": False, "data.source": "synthetic", "data.root": str(tmp_path / "data"),
+              "data.synthetic_size": "tiny", "data.synthetic_seed": 3,
+              "subjects.mode": "group" if kind == "group" else "individual", "subjects.ids": subjects,
+              **SIZES["tiny"].runs[kind]}
+    path = CONFIGS_DIR / RUN_CONFIGS[kind]
+    assert config == load_config(path, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    file_values = load_config(path).to_dict()
+    changed = {f"{section}.{key}" for section, table in config.to_dict().items() if isinstance(table, dict)
+               for key, value in table.items() if file_values[section][key] != value}
+    assert changed <= set(values)
+    assert config.train.max_epochs == SIZES["tiny"].runs[kind]["train.max_epochs"]
+
+
+def test_a_bad_size_value_names_the_key_and_the_file(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from training.config import ConfigError
+    from training.main_job import MainJob
+
+    runs = {**SIZES["tiny"].runs, "head": {"train.max_epochs": "8"}}
+    monkeypatch.setitem(SIZES, "tiny", replace(SIZES["tiny"], runs=runs))
+    job = MainJob(tmp_path, tmp_path / "report", "tiny", 0, 1, False)
+    with pytest.raises(ConfigError, match=r"synthetic_head.toml \(main job, size 'tiny'\): train.max_epochs "
+                                          r"must be int, got str '8'"):
+        job.config("sub-01_head", "head", ["sub-01"])
+
+
+def test_the_evaluate_command_rescores_the_jobs_runs(job, tmp_path, capsys):
+    """``evaluate head=RUN conv4=RUN``: the same held-out scores as the job's evaluation, the
+    comparison with the first run, and brain maps on the synthetic atlas."""
+    from training.cli import main
+
+    work, _, _ = job
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", f"head={work / 'runs' / 'sub-01_head'}", str(work / "runs" / "sub-01_conv4"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sub-01_conv4" in printed and "wrote" in printed
+    ours = read_table(out / "scores.csv", dtype={"run": str, "target": str})
+    assert set(ours["model"]) == {"head", "sub-01_conv4"} and set(ours["subject"]) == {"sub-01"}
+    theirs = read_table(work / "evaluation" / "scores.csv", dtype={"run": str, "target": str})
+    theirs = theirs[(theirs["subject"] == "sub-01") & theirs["model"].isin(["head", "conv4"])]
+    key = ["model", "run", "target"]
+    ours = ours.replace({"model": {"sub-01_conv4": "conv4"}}).sort_values(key).reset_index(drop=True)
+    theirs = theirs.sort_values(key).reset_index(drop=True)
+    np.testing.assert_allclose(ours["r"], theirs["r"], atol=1e-9)
+    comparisons = read_table(out / "comparisons.csv")
+    assert set(zip(comparisons["baseline"], comparisons["candidate"])) == {("head", "sub-01_conv4")}
+    assert (out / "map_r_sub-01_conv4_sub-01.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="--baseline 'conv5' is not one of the runs"):
+        main(["evaluate", str(work / "runs" / "sub-01_head"), "--baseline", "conv5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no such model file"):
+        main(["evaluate", str(tmp_path / "absent"), "--out", str(out)])
 
 
 def test_seed_spread_summarises_each_condition_over_its_seeds():

@@ -10,7 +10,8 @@ import torch
 
 from hear_brainsoundnet.soundnet import SoundNet8, frame_geometry
 from tests.signals import natural_like
-from training.batches import Episode, EpisodeSet
+from training.batches import EpisodeSet
+from training.data import Episode
 from training.model import (CONDITIONS, EncodingModel, EpisodeGeometry, WindowBatchNorm, plain_backbone,
                             prefix_layer, trained_layers)
 from training.timebase import tr_frames
@@ -252,3 +253,53 @@ def test_a_damaged_feature_cache_file_is_recomputed_with_a_warning_naming_it(epi
         again.build_cache(folder=tmp_path)
     assert torch.equal(again.cache[0], first.cache[0])
     assert path.read_bytes() == good  # rewritten, complete
+
+
+# ---- files: save_pretrained / from_pretrained -------------------------------------------------
+
+def test_save_pretrained_then_from_pretrained_predicts_identically(episode: Episode, tmp_path) -> None:
+    """A group model in a trained condition, with input statistics and target names, survives
+    the round trip bit for bit, as a HEAR checkpoint whose backbone the plugin serves."""
+    from hear_brainsoundnet.checkpoints import load_checkpoint
+
+    model = make_model("conv5", subjects={"sub-01": 4, "sub-02": 2}, kernel=4).eval()
+    with torch.no_grad():
+        model.backbone.blocks["conv6"].conv.weight.mul_(1.5)  # not the pretrained or a default init
+        for head in model.heads.values():
+            head.set_input_statistics(torch.rand(1024), torch.rand(1024) + 0.5)
+    model.target_names = {"sub-01": ["a", "b", "c", "d"], "sub-02": ["e", "f"]}
+    model.tr = 2.0
+    path = model.save_pretrained(tmp_path / "model.safetensors", provenance={"metrics": {"r": 0.5}})
+    state = torch.get_rng_state()
+    loaded = EncodingModel.from_pretrained(path)
+    assert torch.equal(torch.get_rng_state(), state)  # loading does not move the caller's seed
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert (loaded.condition, loaded.batchnorm, loaded.kernel_trs, loaded.tr) == ("conv5", "frozen-eval", 4, 2.0)
+    assert loaded.target_names == model.target_names and loaded.provenance["metrics"] == {"r": 0.5}
+    assert not loaded.training
+    for subject in ("sub-01", "sub-02"):
+        a = model.predict_run(episode.waveform, episode.n_trs, subject, tr=TR)
+        b = loaded.predict_run(episode.waveform, episode.n_trs, subject, tr=TR)
+        assert np.array_equal(a, b) and np.abs(a).max() > 0, subject
+    checkpoint = load_checkpoint(path)  # what hear_brainsoundnet.load_model reads
+    for key, value in plain_backbone(model).state_dict().items():
+        assert torch.equal(value, checkpoint.model.state_dict()[key]), key
+    assert sorted(checkpoint.extra) == sorted(f"head.{s}.{n}" for s in ("sub-01", "sub-02")
+                                              for n in ("weight", "bias", "input_mean", "input_scale"))
+    folder = tmp_path / "hub"  # a folder, as on the Hub: model.safetensors inside
+    folder.mkdir()
+    assert loaded.save_pretrained(folder) == folder / "model.safetensors"
+    again = EncodingModel.from_pretrained(folder)
+    assert again.provenance == loaded.provenance and again.subjects == ["sub-01", "sub-02"]
+
+
+def test_from_pretrained_refuses_a_checkpoint_without_brain_heads(tmp_path) -> None:
+    from hear_brainsoundnet.checkpoints import CheckpointError, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "plain.safetensors", SoundNet8())
+    with pytest.raises(CheckpointError, match=r"plain\.safetensors: no brain head in this checkpoint"):
+        EncodingModel.from_pretrained(path)
+    with pytest.raises(ValueError, match="target_names of 'sub-01': 2 names for a subject with 4 targets"):
+        EncodingModel({"sub-01": 4}, target_names={"sub-01": ["a", "b"]})

@@ -19,10 +19,11 @@ from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint
 from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.hub import DEFAULT_MANIFEST, ManifestError, fetch, load_manifest
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
-from training.batches import load_splits
 from training.config import load_config
-from training.publish import ExportError, export, load_brain_model, main, publish
-from training.state import STATE_FORMAT, load_model
+from training.data.loading import load_splits
+from training.model import EncodingModel
+from training.publish import ExportError, export, main, publish
+from training.state import STATE_FORMAT
 from training.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def test_export_carries_backbone_heads_provenance_and_card(trained, exported) ->
     result, config = trained
     checkpoint = load_checkpoint(exported.checkpoint)
     assert exported.name == "conv7_sub_01" and exported.sha256 == sha256_file(exported.checkpoint)
-    model, _ = load_model(result.best_checkpoint)
+    model = EncodingModel.from_pretrained(result.best_checkpoint)
     for key, value in checkpoint.model.state_dict().items():  # the best model's backbone
         assert torch.equal(value, model.backbone.state_dict()[key]), key
     assert sorted(checkpoint.extra) == ["head.sub-01.bias", "head.sub-01.input_mean",
@@ -71,19 +72,42 @@ def test_export_carries_backbone_heads_provenance_and_card(trained, exported) ->
     assert json.loads((exported.folder / "config.json").read_text())["provenance"]["condition"] == "conv7"
     assert provenance["training_status"] == {"finished": True, "stop_reason": "max_epochs",
                                              "epochs_completed": 2, "max_epochs": 2}
+    added = {"name", "training_status", "licence", "curves"}  # all that export adds to the run's
+    assert {k: v for k, v in provenance.items() if k not in added} == load_checkpoint(result.best_checkpoint).provenance
     assert "Unfinished run" not in card
 
 
 def test_exported_heads_predict_like_the_trained_model(trained, exported) -> None:
     result, config = trained
-    trained_model, _ = load_model(result.best_checkpoint)
-    brain_model, head = load_brain_model(exported.checkpoint)
+    trained_model = EncodingModel.from_pretrained(result.best_checkpoint)
+    brain_model = EncodingModel.from_pretrained(exported.folder)
     episode = load_splits(config).test[0]
     n_trs = episode.targets["sub-01"].shape[0]
     a = trained_model.predict_run(episode.waveform, n_trs, "sub-01")
-    b = brain_model.predict_run(episode.waveform, n_trs, "sub-01", tr=head["tr"])
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert a.shape == (n_trs, len(head["targets"]["sub-01"])) and np.abs(a).max() > 0
+    b = brain_model.predict_run(episode.waveform, n_trs, "sub-01")
+    assert np.array_equal(a, b)  # the same tensors: export only adds provenance and the card
+    assert a.shape == (n_trs, len(brain_model.target_names["sub-01"])) and np.abs(a).max() > 0
+    assert brain_model.tr == 1.49 and brain_model.provenance["name"] == exported.name
+
+
+def test_the_hear_plugin_gives_a_runs_best_model_the_embeddings_of_its_export(trained, exported) -> None:
+    """A run's best.safetensors is a HEAR checkpoint: hear_brainsoundnet.load_model serves it
+    as it is, with the embeddings of the exported checkpoint."""
+    best = load_checkpoint(trained[0].best_checkpoint)
+    published = load_checkpoint(exported.checkpoint)
+    for key, value in best.model.state_dict().items():
+        assert torch.equal(value, published.model.state_dict()[key]), key
+    assert best.extra.keys() == published.extra.keys()
+    assert all(torch.equal(best.extra[key], published.extra[key]) for key in best.extra)
+    audio = torch.rand(2, 3 * 22050, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    from_run = hear_brainsoundnet.load_model(str(trained[0].best_checkpoint))
+    from_export = hear_brainsoundnet.load_model(str(exported.checkpoint))
+    scene = hear_brainsoundnet.get_scene_embeddings(audio, from_run)
+    assert torch.equal(scene, hear_brainsoundnet.get_scene_embeddings(audio, from_export))
+    frames, timestamps = hear_brainsoundnet.get_timestamp_embeddings(audio, from_run)
+    frames_export, timestamps_export = hear_brainsoundnet.get_timestamp_embeddings(audio, from_export)
+    assert torch.equal(frames, frames_export) and torch.equal(timestamps, timestamps_export)
+    assert scene.abs().max() > 0 and frames.shape[:2] == timestamps.shape
 
 
 def test_the_hear_plugin_loads_the_export(exported) -> None:

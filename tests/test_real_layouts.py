@@ -31,9 +31,10 @@ import pandas as pd
 import pytest
 
 from tests.fixtures_data import annex_link, requires_ffmpeg, write_soundtrack
-from training.batches import EpisodeSet, load_splits, plan_data, prepare_data
+from training.batches import EpisodeSet
 from training.config import load_config
 from training.data import DataError, StimulusCache, find_algonauts_h5, find_stimuli
+from training.data.loading import load_splits, plan_data, prepare_data
 
 pytestmark = requires_ffmpeg
 
@@ -356,7 +357,7 @@ def test_the_prepared_plan_is_not_read_twice(tmp_path, algonauts, monkeypatch):
     def read_again(*args, **kwargs):
         raise AssertionError("the brain data were read a second time")
 
-    monkeypatch.setattr("training.batches.read_subject", read_again)
+    monkeypatch.setattr("training.data.loading.read_subject", read_again)
     splits = load_splits(config, plan)
     assert splits.split == plan.split and len(splits.train) + len(splits.validation) == len(plan.used) - 1
 

@@ -149,6 +149,12 @@ def test_existing_folder_and_bad_size_are_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="run_seconds >= "):
         generate_friends_like(tmp_path / "y", size="tiny", run_seconds=30.0)
     assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())
+    with pytest.raises(ValueError, match="n_subjects must be >= 1, got 0"):
+        generate_friends_like(tmp_path / "z", size="tiny", n_subjects=0)
+    (tmp_path / "stimuli").mkdir()
+    with pytest.raises(ValueError, match="audio_format must be one of"):
+        generate_friends_like(tmp_path, size="tiny", overwrite=True, audio_format="mp3")
+    assert (tmp_path / "stimuli").is_dir()  # refused before the old dataset was removed
     with pytest.raises(FileNotFoundError, match="dataset_description.json"):
         SyntheticDataset.load(tmp_path)
 

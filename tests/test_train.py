@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 
 from hear_brainsoundnet.checkpoints import CheckpointError, load_pretrained
 from tests.fixtures_data import tiny_dataset  # noqa: F401  (session fixture)
-from training.batches import DataSplits, Episode, load_splits
 from training.config import load_config
-from training.data import DataError
+from training.data import DataError, DataSplits, Episode
+from training.data.loading import load_splits
+from training.model import EncodingModel
 from training.publish import export
-from training.state import RunStateError, load_model
+from training.state import RunStateError
 from training.train import TrainingDiverged, main, train
 
 
@@ -54,13 +55,14 @@ def test_head_only_run_directory_and_frozen_pretrained_backbone(tmp_path, tiny_d
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     assert summary["stop_reason"] == "max_epochs"
     # the head-only baseline is exactly the pretrained network: weights and BN statistics
-    model, metadata = load_model(run_dir / "best.safetensors")
+    model = EncodingModel.from_pretrained(run_dir / "best.safetensors")
     pretrained = load_pretrained().state_dict()
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, pretrained[key]), key
     assert float(model.heads["sub-01"].conv.weight.detach().abs().sum()) > 0
-    assert metadata["val_loss"] == min(float(r["val_loss"]) for r in rows)
+    assert model.provenance["metrics"]["best_val_loss_mse"] == min(float(r["val_loss"]) for r in rows)
     data = json.loads((run_dir / "data.json").read_text())
+    assert len(model.target_names["sub-01"]) == data["n_targets"]["sub-01"] and model.tr == data["tr"]
     assert data["split"]["test"] == ["s03e01a", "s03e01b"]  # the last season is held out
 
 
@@ -94,14 +96,34 @@ def test_leave_one_subject_out_fits_only_a_head_on_the_group_backbone(tmp_path, 
     group, held_out = result.stages["group"], result.stages["sub-02"]
     assert group.subjects == ["sub-01"] and held_out.subjects == ["sub-02"]
     assert held_out.run_dir == tmp_path / "loso" / "sub-02"
-    group_model, _ = load_model(group.best_checkpoint)
-    head_model, metadata = load_model(held_out.best_checkpoint)
-    assert metadata["model"]["condition"] == "head"
+    group_model = EncodingModel.from_pretrained(group.best_checkpoint)
+    head_model = EncodingModel.from_pretrained(held_out.best_checkpoint)
+    assert head_model.condition == "head"
     for key, value in head_model.backbone.state_dict().items():
         assert torch.equal(value, group_model.backbone.state_dict()[key]), key
     assert not torch.equal(group_model.backbone.state_dict()["blocks.conv6.conv.weight"],
                            load_pretrained().state_dict()["blocks.conv6.conv.weight"])
     assert list(head_model.heads) == ["sub-02"]
+
+
+def test_training_gives_the_caller_its_thread_count_back(tmp_path, tiny_dataset, cache_dir):  # noqa: F811
+    """run.threads holds while the run trains (seen from every step), and the caller's count
+    comes back afterwards, after a refusal too; the inter-op pool is never touched."""
+    before, interop = torch.get_num_threads(), torch.get_num_interop_threads()
+    config = tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head",
+                         "train.max_epochs=1", "run.threads=1", name="threads")
+    seen: set[int] = set()
+    torch.set_num_threads(3)
+    try:
+        train(config, on_step=lambda progress: seen.add(torch.get_num_threads()))
+        assert seen == {1}
+        assert (torch.get_num_threads(), torch.get_num_interop_threads()) == (3, interop)
+        with pytest.raises(RunStateError, match="already holds a run"):
+            train(tiny_config(tmp_path, tiny_dataset.root, cache_dir, "model.condition=head",
+                              "train.max_epochs=1", "run.threads=1", "train.resume=false", name="threads"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- bad inputs -----------------------------------------------------------------------------
@@ -170,7 +192,6 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_dataset,
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.timeout(1800)
 @pytest.mark.timeout(2400)  # two default-size trainings: about 5 min idle, far more on a shared machine
 def test_conv4_fine_tuning_beats_the_head_only_baseline(tmp_path):
     """On the default synthetic dataset (generated on first use, as a user's first run does),

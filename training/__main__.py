@@ -1,4 +1,5 @@
-"""``python -m training``: the project's command line (see :mod:`training.cli`)."""
+"""``python -m training`` (in a clone; ``hear-brainsoundnet`` installed): the command line of
+:mod:`training.cli`."""
 import sys
 
 from .cli import main

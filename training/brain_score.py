@@ -1,9 +1,10 @@
 """Brain-encoding score of any feature source: lagged ridge fitted on the training runs, scored
 on the held-out season with the same evaluation as the fine-tuned models.
 
-Command line (also ``python -m training brain-score ...``)::
+Command line (``hear-brainsoundnet brain-score ...``; in a clone ``python -m training brain-score``
+or ``python -m training.brain_score``)::
 
-    python -m training.brain_score MODULE --config CONFIG [--model-file PATH]
+    hear-brainsoundnet brain-score MODULE --config CONFIG [--model-file PATH]
         [--model-options JSON] [--out DIR] [--lags K] [--folds N] [--threads N]
 
 ``MODULE`` is a HEAR module name, loaded as heareval's runner loads one
@@ -45,7 +46,7 @@ from .evaluate import (EncodingScores, HeldOutResults, chance_r_sd, held_out_noi
                        results_from_scores, score_runs)
 from .features import (FeatureError, FeatureSource, HearModuleFeatures, LogMelFeatures, OracleFeatures,
                        SoundNetFeatures, episode_feature_table, load_soundnet, parse_model_options)
-from .ridge import DEFAULT_ALPHAS, RidgeEncodingModel, fit_ridge_models
+from .ridge import DEFAULT_ALPHAS, SOLVERS, RidgeEncodingModel, Solver, fit_ridge_models
 
 BUILTIN_SOURCES = (":log-mel", ":soundnet", ":oracle")
 CHANCE_Z = 3.0  # |mean r| / chance sd above this is reported as above chance
@@ -138,11 +139,11 @@ class BrainScore:
 
 def ridge_scores(source: FeatureSource, splits, *, lags: int, label: str | None = None,
                  alphas: Sequence[float] = DEFAULT_ALPHAS, n_splits: int | None = None,
-                 solver: str = "eigen", threads: int | None = None,
+                 solver: Solver = "eigen", threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None,
                  log: Callable[[str], None] | None = None) -> BrainScore:
     """Fit ``source``'s ridge models on the training + validation runs of ``splits``
-    (:class:`training.batches.DataSplits`) and score them on its held-out runs."""
+    (:class:`training.data.episodes.DataSplits`) and score them on its held-out runs."""
     label = label or source.label
     trained = splits.train + splits.validation
     start = time.perf_counter()
@@ -198,7 +199,7 @@ def encoding_table(score: BrainScore, kinds: Sequence[str] | None = None,
 def table_markdown(table: pd.DataFrame, label: str, command: str) -> str:
     """The encoding table as Markdown, with a per-subject summary (mean over auditory targets
     where the target kinds are known, else over all targets)."""
-    lines = [f"# Brain-encoding score: {label}", "", f"Command: `{command}`", "",
+    lines = [f"# Brain-encoding score: {label}", "", *([f"Command: `{command}`", ""] if command else []),
              "Lagged ridge (penalty per target by leave-one-episode-out CV on the training runs), "
              "held-out season. `z`: mean r over the chance sd of r (Bartlett's variance for "
              "independent autocorrelated series); |z| < 3 is within noise of 0.", ""]
@@ -279,14 +280,13 @@ def baseline_scores(config: ExperimentConfig, splits, *, labels: Sequence[str] =
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def build_parser(prog: str = "python -m training.brain_score") -> argparse.ArgumentParser:
+# Run on its own: ``python -m training.brain_score`` in a clone, the installed package's name otherwise.
+DEFAULT_PROG = f"python -m {__package__}.brain_score"
+
+
+def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
+    """The command's arguments; ``prog`` is the command line's name in usage and help."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's arguments (shared with ``python -m training brain-score``)."""
     parser.add_argument("module", help=f"HEAR module name, or a built-in source: {', '.join(BUILTIN_SOURCES)}")
     parser.add_argument("--config", required=True, help="experiment TOML (data, split, subjects, model.kernel_trs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -299,19 +299,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: brain_score/<label>)")
     parser.add_argument("--lags", type=int, help="causal lags in TRs (default: the config's model.kernel_trs)")
     parser.add_argument("--folds", type=int, help="GroupKFold folds (default: leave one episode out)")
-    parser.add_argument("--solver", default="eigen", choices=("eigen", "himalaya"),
+    parser.add_argument("--solver", default="eigen", choices=SOLVERS,
                         help="penalty search: one eigendecomposition (default) or himalaya's RidgeCV (same model)")
     parser.add_argument("--threads", type=int, help="torch and BLAS threads (default: the config's run.threads, "
                         "else all cores)")
     parser.add_argument("--device", help="device of the HEAR model (default: cuda if available, else cpu)")
+    return parser
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
-    """Do what the command line asks; return the Markdown table's path."""
+def run(args: argparse.Namespace, log: Callable[[str], None] = print, command: str = "") -> Path:
+    """Do what the command line asks; return the Markdown table's path. ``command`` (the command
+    line as typed) is recorded in the table."""
     import torch
 
-    from .batches import load_splits
     from .config import load_config
+    from .data.loading import load_splits
 
     config = load_config(Path(args.config), list(args.overrides))
     threads = args.threads or config.run.threads or os.cpu_count() or 1
@@ -328,18 +330,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     score = ridge_scores(source, splits, lags=args.lags or config.model.kernel_trs, label=label,
                          n_splits=args.folds, solver=args.solver, threads=threads, cache_dir=cache, log=log)
     out = Path(args.out or Path("brain_score") / label.replace("/", "_"))
-    given = getattr(args, "command_line", None)
-    command = "python -m training brain-score " + " ".join(sys.argv[1:] if given is None else given)
-    written = write_outputs(out, score, kinds=kinds, ceilings=ceilings, atlas=atlas, command=command.strip())
+    written = write_outputs(out, score, kinds=kinds, ceilings=ceilings, atlas=atlas, command=command)
     return written["table_md"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = DEFAULT_PROG) -> int:
+    """The command line (``prog``: its name, e.g. ``hear-brainsoundnet brain-score`` when the
+    project's command line hands it the arguments); 0 on success, 2 on an input error."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command_line = argv
+    args = build_parser(prog).parse_args(argv)
     try:
-        table = run(args)
+        table = run(args, command=" ".join([prog, *argv]))
     except (FeatureError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

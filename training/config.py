@@ -19,7 +19,10 @@ A file looks like::
 Values are resolved in this order: dataclass defaults (the study's values), then the preset,
 then the file, then command-line overrides (``--set train.lr=1e-4``). An unknown section or
 key, or a value of the wrong type, raises :class:`ConfigError` naming the key and the file (or
-the override) at fault.
+the override) at fault. Keys with a fixed set of values (``model.condition``, ``data.source``, ...)
+are typed with ``Literal``; :func:`check_choices` (run by :meth:`ExperimentConfig.validate`)
+derives the allowed values from those types. Code sets values directly on the dataclasses (or
+dotted keys with :meth:`ExperimentConfig.update`) and validates.
 """
 from __future__ import annotations
 
@@ -29,19 +32,33 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import tomli_w
 
-CONDITIONS = ("head", "conv7", "conv6", "conv5", "conv4", "null")
-BATCHNORM_MODES = ("frozen-eval", "eval", "batch-stats")
-SUBJECT_MODES = ("individual", "group", "loso")
-DATA_SOURCES = ("synthetic", "algonauts", "fmriprep", "arrays")
+# The fixed choices of the config's keys are these Literal types: the dataclasses' annotations
+# use them, :func:`check_choices` derives the allowed values from them (so the type and the check
+# cannot disagree), and the tuples below (for other modules' checks and argparse choices) too.
+Condition = Literal["head", "conv7", "conv6", "conv5", "conv4", "null"]
+BatchnormMode = Literal["frozen-eval", "eval", "batch-stats"]
+SubjectMode = Literal["individual", "group", "loso"]
+DataSource = Literal["synthetic", "algonauts", "fmriprep", "arrays"]
+# The synthetic dataset's sizes: the keys of training.synthetic.SIZES (a test keeps them equal).
+SyntheticSize = Literal["tiny", "default", "large", "subject"]
 # nilearn.interfaces.fmriprep.load_confounds: strategies that need no other file, and levels.
-CONFOUND_STRATEGIES = ("high_pass", "motion", "wm_csf", "global_signal", "compcor", "scrub",
-                       "non_steady_state")
-CONFOUND_LEVELS = ("basic", "power2", "derivatives", "full")
-STANDARDIZE = ("zscore_sample", "zscore", "psc", "none")
+ConfoundStrategy = Literal["high_pass", "motion", "wm_csf", "global_signal", "compcor", "scrub",
+                           "non_steady_state"]
+ConfoundLevel = Literal["basic", "power2", "derivatives", "full"]
+Standardize = Literal["zscore_sample", "zscore", "psc", "none"]
+
+CONDITIONS: tuple[str, ...] = typing.get_args(Condition)
+BATCHNORM_MODES: tuple[str, ...] = typing.get_args(BatchnormMode)
+SUBJECT_MODES: tuple[str, ...] = typing.get_args(SubjectMode)
+DATA_SOURCES: tuple[str, ...] = typing.get_args(DataSource)
+SYNTHETIC_SIZES: tuple[str, ...] = typing.get_args(SyntheticSize)
+CONFOUND_STRATEGIES: tuple[str, ...] = typing.get_args(ConfoundStrategy)
+CONFOUND_LEVELS: tuple[str, ...] = typing.get_args(ConfoundLevel)
+STANDARDIZE: tuple[str, ...] = typing.get_args(Standardize)
 
 # The study's per-subject choices for parcel models (study.md, "Fine-tuning protocol"):
 # batch TRs, head kernel k in TRs, learning rate. "group" is the group model's.
@@ -110,11 +127,11 @@ class DataConfig:
     ``split_seed``); explicit episode lists replace that rule.
     """
 
-    source: str = "synthetic"
+    source: DataSource = "synthetic"
     root: str = "data/synthetic"
     stimuli: str = ""  # default: the reader's own location under root
     cache_dir: str = ""  # default: root/cache
-    synthetic_size: str = "default"  # "tiny", "default" or "large" (training.synthetic.SIZES)
+    synthetic_size: SyntheticSize = "default"  # training.synthetic.SIZES
     synthetic_seed: int = 0
     brain_file: str = ""  # algonauts: this HDF5 file ("{subject}" -> the subject id); default: found
     atlas: str = ""  # fmriprep: labels image (parcels)
@@ -124,11 +141,11 @@ class DataConfig:
     resample_atlas: bool = True  # fmriprep: atlas/mask on another grid -> BOLD grid (nearest)
     smoothing_fwhm: float = 0.0  # fmriprep: spatial smoothing in mm before extraction; 0: none
     # fmriprep: nilearn load_confounds strategy; the study's: cosine high-pass, 24 motion, WM + CSF
-    confounds: list[str] = field(default_factory=lambda: ["high_pass", "motion", "wm_csf"])
-    confounds_motion: str = "full"  # basic (6), power2, derivatives or full (24)
-    confounds_wm_csf: str = "basic"
-    confounds_global_signal: str = "basic"  # used when "global_signal" is in confounds
-    standardize: str = "zscore_sample"  # per run: zscore_sample, zscore, psc or none
+    confounds: list[ConfoundStrategy] = field(default_factory=lambda: ["high_pass", "motion", "wm_csf"])
+    confounds_motion: ConfoundLevel = "full"  # basic (6), power2, derivatives or full (24)
+    confounds_wm_csf: ConfoundLevel = "basic"
+    confounds_global_signal: ConfoundLevel = "basic"  # used when "global_signal" is in confounds
+    standardize: Standardize = "zscore_sample"  # per run: zscore_sample, zscore, psc or none
     tr: float = 1.49
     test_seasons: list[int] = field(default_factory=list)  # empty: the last season
     train_seasons: list[int] = field(default_factory=list)  # empty: every other season
@@ -167,10 +184,10 @@ class ModelConfig:
     statistics, nothing can be cached).
     """
 
-    condition: str = "conv4"
+    condition: Condition = "conv4"
     init: str = "pretrained"
     kernel_trs: int = 7
-    batchnorm: str = "frozen-eval"
+    batchnorm: BatchnormMode = "frozen-eval"
 
 
 @dataclass
@@ -196,7 +213,7 @@ class TrainConfig:
 class SubjectsConfig:
     """Whose brain: one subject, a group (one head each), or leave-one-subject-out."""
 
-    mode: str = "individual"
+    mode: SubjectMode = "individual"
     ids: list[str] = field(default_factory=lambda: ["sub-01"])
     held_out: str = ""  # loso: this subject gets only a new head on the group backbone
 
@@ -214,25 +231,11 @@ class ExperimentConfig:
 
     def validate(self, source: str = "config") -> "ExperimentConfig":
         """Check values (not only types); raise :class:`ConfigError` naming the key."""
-        from .synthetic import SIZES as SYNTHETIC_SIZES  # numpy only; the names live there
 
         def bad(key: str, message: str) -> ConfigError:
             return ConfigError(f"{source}: {key} {message}")
 
-        choices = {"model.condition": (self.model.condition, CONDITIONS),
-                   "model.batchnorm": (self.model.batchnorm, BATCHNORM_MODES),
-                   "subjects.mode": (self.subjects.mode, SUBJECT_MODES),
-                   "data.source": (self.data.source, DATA_SOURCES),
-                   "data.synthetic_size": (self.data.synthetic_size, tuple(SYNTHETIC_SIZES)),
-                   "data.confounds_motion": (self.data.confounds_motion, CONFOUND_LEVELS),
-                   "data.confounds_wm_csf": (self.data.confounds_wm_csf, CONFOUND_LEVELS),
-                   "data.confounds_global_signal": (self.data.confounds_global_signal, CONFOUND_LEVELS),
-                   "data.standardize": (self.data.standardize, STANDARDIZE)}
-        for i, strategy in enumerate(self.data.confounds):
-            choices[f"data.confounds[{i}]"] = (strategy, CONFOUND_STRATEGIES)
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise bad(key, f"= {value!r}; choose one of {', '.join(allowed)}")
+        check_choices(self, source)
         if self.preset and self.preset not in STUDY_PRESETS:
             raise bad("preset", f"= {self.preset!r}; known presets: {', '.join(STUDY_PRESETS)}")
         positive = {"train.lr": self.train.lr, "train.backbone_lr_scale": self.train.backbone_lr_scale,
@@ -276,6 +279,13 @@ class ExperimentConfig:
             raise bad("subjects.held_out", f"is only used in loso mode (mode is {self.subjects.mode!r})")
         return self
 
+    def update(self, values: Mapping[str, Any], source: str = "values") -> "ExperimentConfig":
+        """Set dotted keys (``{"train.max_epochs": 8}``), each checked as a file's value is, then
+        validate; ``source`` names the values in errors. Returns this config."""
+        for key, value in values.items():
+            _set(self, key, value, source)
+        return self.validate(source)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
@@ -292,15 +302,42 @@ SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(
                              if name != "preset"}
 
 
+def check_choices(config: ExperimentConfig, source: str = "config") -> None:
+    """The one check of every key annotated with a ``Literal`` (or a list of one): raise
+    :class:`ConfigError` naming the key, the value and the choices."""
+    for section_name, section_type in SECTIONS.items():
+        section = getattr(config, section_name)
+        for name, annotation in typing.get_type_hints(section_type).items():
+            key, value = f"{section_name}.{name}", getattr(section, name)
+            if typing.get_origin(annotation) is list:
+                (annotation,) = typing.get_args(annotation)
+                items = {f"{key}[{i}]": item for i, item in enumerate(value)}
+            else:
+                items = {key: value}
+            if typing.get_origin(annotation) is not Literal:
+                continue
+            allowed = typing.get_args(annotation)
+            for item_key, item in items.items():
+                if item not in allowed:
+                    raise ConfigError(f"{source}: {item_key} = {item!r}; choose one of {', '.join(allowed)}")
+
+
+def _type_name(annotation: Any) -> str:
+    return "str" if typing.get_origin(annotation) is Literal else annotation.__name__
+
+
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """``value`` as ``annotation`` (int -> float allowed; bool never counts as a number)."""
+    """``value`` as ``annotation`` (int -> float allowed; bool never counts as a number). A
+    ``Literal`` of strings is checked as ``str`` here, its choices by :func:`check_choices`."""
     origin = typing.get_origin(annotation)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, "
+            raise ConfigError(f"{source}: {key} must be a list of {_type_name(item_type)}, "
                               f"got {type(value).__name__} {value!r}")
         return [_coerce(item, item_type, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is Literal:
+        annotation = str
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, float) and not math.isfinite(value):
@@ -400,15 +437,3 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text, key, value in override_values:
         _set(config, key, value, f"--set {text}")
     return config.validate(source if not override_values else f"{source} (with --set overrides)")
-
-
-def config_from_dict(values: Mapping[str, Any], source: str = "dict") -> ExperimentConfig:
-    """Build a config from a nested dict such as :meth:`ExperimentConfig.to_dict`'s output."""
-    config = ExperimentConfig()
-    flat = _flatten(values, source)
-    if flat.get("preset"):
-        for key, value in STUDY_PRESETS.get(flat["preset"], {}).items():
-            _set(config, key, value, source)
-    for key, value in flat.items():
-        _set(config, key, value, source)
-    return config.validate(source)

@@ -189,7 +189,7 @@ def predict_runs(model, episodes: Sequence, subject: str, tr: float) -> dict[str
     """Predictions ``{episode: (n_TR, n_targets)}`` of ``subject``'s runs among ``episodes``.
 
     ``model`` is a trained :class:`training.model.EncodingModel` with a head for ``subject``;
-    ``episodes`` are :class:`training.batches.Episode` objects (e.g. ``DataSplits.test``). Each
+    ``episodes`` are :class:`training.data.episodes.Episode` objects (e.g. ``DataSplits.test``). Each
     run is predicted whole from its episode's audio, so every TR sees the real preceding audio
     (only TRs before the run's first volume enter the head as zeros).
     """
@@ -216,18 +216,19 @@ def score_model(model, episodes: Sequence, subject: str, tr: float, target_names
 def score_checkpoint(path: str | os.PathLike, episodes: Sequence, tr: float,
                      subjects: Sequence[str] | None = None, label: str | None = None,
                      device: str = "cpu") -> dict[str, EncodingScores]:
-    """Scores of an encoding-model file (``best.safetensors`` of a run) per subject it has a head for.
+    """Scores of an encoding-model file (``best.safetensors`` of a run, or its export) per
+    subject it has a head for.
 
     ``subjects`` restricts the subjects (default: all of the model's); target names come from
-    the file's metadata.
+    the file.
     """
     import torch
 
-    from .state import load_model
+    from .model import EncodingModel
 
     path = Path(path)
-    model, metadata = load_model(path, device=device)
-    names = metadata.get("target_names") or {}
+    model = EncodingModel.from_pretrained(path, device=device)
+    names = model.target_names
     label = label or path.parent.name
     chosen = list(subjects) if subjects is not None else model.subjects
     scores = {}

@@ -123,7 +123,7 @@ class FeatureSource(abc.ABC):
 
 def episode_feature_table(source: FeatureSource, episodes: Sequence, tr: float,
                           cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
-    """``{episode name: (n_TR, n_features)}`` for :class:`training.batches.Episode` objects.
+    """``{episode name: (n_TR, n_features)}`` for :class:`training.data.episodes.Episode` objects.
 
     Each episode gets features for its longest run (``Episode.n_trs``); a shorter run of
     another subject uses the first rows. With ``cache_dir`` and a cacheable source, features
@@ -183,14 +183,8 @@ def load_soundnet(spec: str | os.PathLike) -> tuple[SoundNet8, str]:
     path = Path(text)
     if path.is_dir() and (path / "best.safetensors").is_file():
         path = path / "best.safetensors"
-    if path.is_file():
-        from .model import plain_backbone
-        from .state import is_model_file, load_model
-
-        if is_model_file(path):
-            model, _ = load_model(path)
-            return plain_backbone(model), path.parent.name
-        return load_checkpoint(path).model, path.stem
+    if path.is_file():  # a run's best model is a checkpoint too: its backbone as trained
+        return load_checkpoint(path).model, path.parent.name if path.name == "best.safetensors" else path.stem
     if path.is_dir():
         raise FeatureError(f"{path}: a directory without best.safetensors (not a training run)")
     return load_checkpoint(resolve_checkpoint(text)).model, text

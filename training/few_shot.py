@@ -46,7 +46,8 @@ k-fold task's point is one fold (heareval's k-fold mode would train every fold o
 training folds, and grid-search on fold 0 only) and a task without a validation split gets
 the probe's carved 20 % (heareval cannot run such a task at all). The score is the primary
 metric of ``test.predicted-scores.json``. Points are batched (16 per runner call) because each
-call pays ~10 s of imports; runner logs stay in ``<out>/heareval_work/<checkpoint>/``.
+call pays the runner's start (torch, Lightning and heareval imports); runner logs stay in
+``<out>/heareval_work/<checkpoint>/``.
 
 Resumable: every finished point is appended (one line, flushed) to ``few_shot_points.csv``
 keyed by (checkpoint, task, k, draw, fold, predictor); a skipped point is stored too, with
@@ -54,7 +55,9 @@ its message, so a resume need not read the embeddings again to find it skipped. 
 continues where it stopped, and a rerun with more draws or ks computes only the new points.
 Probe and heareval points share a folder but never mix (the key); the seed, the probe's C
 grid and heareval's grid are checked against the folder's earlier points
-(``few_shot_config.json``). The statistics and plots are in :mod:`training.few_shot_stats`.
+(``few_shot_config.json``). The inputs and draws are in :mod:`training.few_shot_data`, the
+two predictors in :mod:`training.few_shot_predictors`, the statistics and plots in
+:mod:`training.few_shot_stats`.
 
 Command line::
 
@@ -70,11 +73,8 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
-import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -84,14 +84,33 @@ import pandas as pd
 
 from hear_brainsoundnet.files import atomic_write
 
+from . import heareval_compat
+from .few_shot_data import (
+    VALID_FRACTION,
+    FewShotError,
+    FoldPlan,
+    SkipPoint,
+    Split,
+    TaskMeta,
+    carve_validation,
+    draw_indices,
+    find_task_dirs,
+    fold_plans,
+    read_json,
+    read_split,
+    read_task_meta,
+)
+from .few_shot_predictors import (
+    DEFAULT_CS,
+    fit_probe,
+    heareval_result,
+    score_function,
+    write_heareval_task,
+)
+from .hear_eval import EMBEDDINGS_DONE, log_tail, run_logged
+
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 DEFAULT_DRAWS = 5
-# Inverse regularisation strengths tried on the validation split (features are standardised,
-# so one grid fits every embedding size; few-shot optima sit at the strong end).
-DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-SCENE_SCORES = ("top1_acc", "pitch_acc", "chroma_acc", "mAP", "d_prime", "aucroc")
-KFOLD_MODES = ("new_split_kfold", "presplit_kfold")
-VALID_FRACTION = 0.2
 POINTS_FILE = "few_shot_points.csv"
 CONFIG_FILE = "few_shot_config.json"
 INPUTS_FILE = "few_shot_inputs.json"  # each (checkpoint, task)'s embeddings marker time
@@ -103,437 +122,15 @@ POINT_FIELDS = ("checkpoint", "task", "k", "draw", "fold", "score", "metric", "C
 LEGACY_POINT_FIELDS = POINT_FIELDS[:10]  # files written before predictor/skipped: probe points
 PREDICTORS = ("probe", "heareval")
 # Points per heareval predictions-runner call: one call pays the runner's start (torch,
-# Lightning, heareval imports: ~10 s) once for many points; a kill loses at most this many.
+# Lightning and heareval imports) once for many points; a kill loses at most this many.
 HEAREVAL_BATCH = 16
 HEAREVAL_GRIDS = ("default", "fast", "faster")  # heareval's predictions runner --grid
 HEAREVAL_WORK = "heareval_work"  # under the output folder; each batch's folders, removed after
-EMBEDDINGS_DONE = ".done.embeddings"
-
-
-class FewShotError(ValueError):
-    """Bad input to the few-shot evaluation (the message names the file or value at fault)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading heareval's embeddings folders
+# heareval's predictor on a batch of points
 # ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Split:
-    """One split of a task: file names (sorted), their labels (strings) and embeddings."""
-
-    files: tuple[str, ...]
-    labels: tuple[tuple[str, ...], ...]
-    X: np.ndarray  # (n_files, dim) float32
-
-    def take(self, index: Sequence[int] | np.ndarray) -> "Split":
-        index = np.asarray(index, dtype=np.int64)
-        return Split(tuple(self.files[i] for i in index), tuple(self.labels[i] for i in index),
-                     self.X[index])
-
-    @staticmethod
-    def concat(parts: Sequence["Split"]) -> "Split":
-        return Split(tuple(f for p in parts for f in p.files), tuple(l for p in parts for l in p.labels),
-                     np.concatenate([p.X for p in parts]))
-
-
-@dataclass(frozen=True)
-class TaskMeta:
-    """What the few-shot evaluation needs from one embeddings task folder's metadata."""
-
-    path: Path
-    name: str  # the folder name, the same for every checkpoint
-    embedding_type: str
-    prediction_type: str
-    split_mode: str
-    splits: tuple[str, ...]
-    evaluation: tuple[str, ...]
-    vocabulary: tuple[str, ...]
-
-    @property
-    def metric(self) -> str:
-        return self.evaluation[0]
-
-    def skip_reason(self) -> str | None:
-        """Why the few-shot evaluation does not run this task, or None."""
-        if self.embedding_type != "scene":
-            return (f"task {self.name}: event task skipped (k-shot per class is not defined for "
-                    "frame-level event labels; see training.few_shot's docstring)")
-        if self.metric not in SCENE_SCORES:
-            return (f"task {self.name}: primary score {self.metric!r} is not a scene score "
-                    f"{SCENE_SCORES}; skipped")
-        return None
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FewShotError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FewShotError(f"{path}: not valid JSON ({error})") from None
-
-
-def read_task_meta(task_dir: str | os.PathLike) -> TaskMeta:
-    """Metadata and label vocabulary of one heareval embeddings task folder."""
-    task_dir = Path(task_dir)
-    meta = _read_json(task_dir / "task_metadata.json")
-    needed = ("embedding_type", "prediction_type", "split_mode", "splits", "evaluation")
-    missing = [key for key in needed if key not in (meta if isinstance(meta, dict) else {})]
-    if missing:
-        raise FewShotError(f"{task_dir / 'task_metadata.json'}: lacks {missing}")
-    if not isinstance(meta["evaluation"], list) or not meta["evaluation"]:
-        raise FewShotError(f"{task_dir / 'task_metadata.json'}: evaluation must list score names")
-    if meta["prediction_type"] not in ("multiclass", "multilabel"):
-        raise FewShotError(f"{task_dir / 'task_metadata.json'}: prediction_type "
-                           f"{meta['prediction_type']!r} is neither multiclass nor multilabel")
-    vocab_path = task_dir / "labelvocabulary.csv"
-    if not vocab_path.is_file():
-        raise FewShotError(f"missing {vocab_path}")
-    try:
-        # Read as heareval reads it (pandas, then str), so that e.g. "060" is the label "60" as in heareval.
-        frame = pd.read_csv(vocab_path)
-        labels = frame["label"].astype(str)
-        by_idx = dict(zip((int(i) for i in frame["idx"]), labels))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, KeyError,
-            ValueError, TypeError) as error:
-        raise FewShotError(f"{vocab_path}: expected a header 'idx,label' and 'integer,label' rows "
-                           f"({error!r})") from None
-    if not by_idx or sorted(by_idx) != list(range(len(frame))):
-        raise FewShotError(f"{vocab_path}: indices must be 0..{len(frame) - 1}")
-    if frame["label"].isna().any():
-        row = int(np.flatnonzero(frame["label"].isna())[0]) + 2
-        raise FewShotError(f"task {task_dir.name}: {vocab_path} line {row}: a label pandas reads as missing "
-                           "(empty, NA, null, ...); heareval would look it up as 'nan'")
-    duplicated = sorted(set(labels[labels.duplicated()]))
-    if duplicated:
-        # e.g. 60 and 060, both the string "60" once pandas has read them: heareval would merge them.
-        raise FewShotError(f"task {task_dir.name}: {vocab_path} lists label(s) {duplicated} more than once "
-                           "(as heareval reads them: as strings)")
-    return TaskMeta(path=task_dir, name=task_dir.name, embedding_type=meta["embedding_type"],
-                    prediction_type=meta["prediction_type"], split_mode=meta["split_mode"],
-                    splits=tuple(meta["splits"]), evaluation=tuple(meta["evaluation"]),
-                    vocabulary=tuple(by_idx[i] for i in range(len(by_idx))))
-
-
-def read_split(task: TaskMeta, split: str, embeddings: bool = True) -> Split:
-    """One split's embeddings (``<split>/<file>.embedding.npy``) and string labels, by file name;
-    ``embeddings=False``: the labels only (X has no columns), for what depends on labels alone."""
-    truth = _read_json(task.path / f"{split}.json")
-    if not isinstance(truth, dict) or not truth:
-        raise FewShotError(f"{task.path / f'{split}.json'}: must map file names to label lists")
-    vocabulary = set(task.vocabulary)
-    files = sorted(truth)
-    labels, arrays = [], []
-    for name in files:
-        value = truth[name]
-        if not isinstance(value, list) or (task.prediction_type == "multiclass" and len(value) != 1):
-            raise FewShotError(f"{task.path / f'{split}.json'}: labels of {name!r} ({value!r:.60}) "
-                               f"are not a list{' of one label' if task.prediction_type == 'multiclass' else ''}")
-        as_text = tuple(str(v) for v in value)  # heareval compares labels as strings
-        unknown = [v for v in as_text if v not in vocabulary]
-        if unknown:
-            raise FewShotError(f"{task.path / f'{split}.json'}: {name!r} has label(s) {unknown} not in "
-                               "labelvocabulary.csv")
-        labels.append(as_text)
-        if not embeddings:
-            continue
-        path = task.path / split / f"{name}.embedding.npy"
-        if not path.is_file():
-            raise FewShotError(f"missing {path} (heareval's per-file embedding of {name!r})")
-        array = np.load(path)
-        if array.ndim != 1 or not np.isfinite(array).all():
-            raise FewShotError(f"{path}: expected a finite 1-D scene embedding, got shape {array.shape}")
-        arrays.append(array.astype(np.float32, copy=False))
-    if not embeddings:
-        return Split(tuple(files), tuple(labels), np.zeros((len(files), 0), dtype=np.float32))
-    dims = {a.shape[0] for a in arrays}
-    if len(dims) != 1:
-        raise FewShotError(f"{task.path / split}: embeddings of different sizes {sorted(dims)}")
-    return Split(tuple(files), tuple(labels), np.stack(arrays))
-
-
-def find_task_dirs(folder: str | os.PathLike) -> dict[str, Path]:
-    """Embedding task folders under ``folder``: heareval's ``--embeddings-dir`` (``<module>/<task>``),
-    one module's folder (``<task>``) or a single task folder; only finished ones (marker present)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FewShotError(f"{folder}: no such embeddings folder")
-    for depth in ("", "*", "*/*"):
-        pattern = f"{depth}/task_metadata.json" if depth else "task_metadata.json"
-        found = sorted(p.parent for p in folder.glob(pattern))
-        if found:
-            break
-    names = [p.name for p in found]
-    if len(set(names)) != len(names):
-        raise FewShotError(f"{folder}: holds several modules' embeddings of the same task; "
-                           "give each module's folder separately")
-    done = {p.name: p for p in found if (p / EMBEDDINGS_DONE).is_file()}
-    if not found:
-        raise FewShotError(f"{folder}: no heareval embeddings (no task_metadata.json at depth 0-2)")
-    return done
-
-
-# ----------------------------------------------------------------------------------------------
-# Folds, validation, draws
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FoldPlan:
-    """Which splits train, validate and test one fold (heareval's convention for k-fold)."""
-
-    fold: int
-    train: tuple[str, ...]
-    valid: tuple[str, ...]  # empty: carve validation from train
-    test: tuple[str, ...]
-
-
-def fold_plans(task: TaskMeta) -> list[FoldPlan]:
-    """heareval's data splits (``data_splits_from_folds``): for k-fold, test = fold i,
-    valid = fold i+1 (cyclic), train = the others; for trainvaltest, one plan."""
-    if task.split_mode in KFOLD_MODES:
-        folds = sorted(task.splits)
-        if len(folds) < 3:
-            raise FewShotError(f"task {task.name}: k-fold needs at least 3 folds, got {folds}")
-        plans = []
-        for i, test in enumerate(folds):
-            valid = folds[(i + 1) % len(folds)]
-            plans.append(FoldPlan(i, tuple(f for f in folds if f not in (test, valid)), (valid,), (test,)))
-        return plans
-    if task.split_mode != "trainvaltest":
-        raise FewShotError(f"task {task.name}: unknown split_mode {task.split_mode!r}")
-    if "train" not in task.splits or "test" not in task.splits:
-        raise FewShotError(f"task {task.name}: a trainvaltest task needs train and test splits, "
-                           f"got {list(task.splits)}")
-    return [FoldPlan(0, ("train",), ("valid",) if "valid" in task.splits else (), ("test",))]
-
-
-def _rng(seed: int, task: str, *parts: int) -> np.random.Generator:
-    # crc32 of the task folder name: stable across processes (Python's hash() is salted).
-    return np.random.default_rng([seed, zlib.crc32(task.encode()), *parts])
-
-
-def carve_validation(pool: Split, *, seed: int, task: str, fold: int,
-                     fraction: float = VALID_FRACTION) -> tuple[Split, Split]:
-    """(train, valid): a seeded stratified ``fraction`` of each class (at least 1 of a class
-    with 2+ examples) for a task without a validation split. Multilabel: by first label."""
-    rng = _rng(seed, task, fold, 2**31 - 1)  # a stream no draw uses
-    first = np.array([l[0] if l else "" for l in pool.labels])
-    valid = []
-    for label in sorted(set(first)):
-        members = np.flatnonzero(first == label)
-        n = int(round(fraction * len(members))) if len(members) > 1 else 0
-        valid.extend(rng.permutation(members)[:max(n, 1 if len(members) > 1 else 0)])
-    if not valid:
-        raise FewShotError(f"task {task}: too few training examples to carve a validation split")
-    keep = np.setdiff1d(np.arange(len(pool.files)), valid)
-    return pool.take(keep), pool.take(np.sort(valid))
-
-
-class SkipPoint(Exception):
-    """A (task, k, fold) point that cannot be drawn (k larger than a class); the run goes on."""
-
-
-def class_counts(labels: Sequence[tuple[str, ...]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for label_set in labels:
-        for label in set(label_set):
-            counts[label] = counts.get(label, 0) + 1
-    return counts
-
-
-def draw_indices(labels: Sequence[tuple[str, ...]], k: int, *, seed: int, task: str, fold: int,
-                 draw: int, multilabel: bool = False, where: str = "") -> np.ndarray:
-    """Indices (sorted) of a k-shot training set drawn from ``labels`` (the pool, in file order).
-
-    Multiclass: k per class present in the pool, the first k of one seeded permutation per
-    class, so draws are nested across k. Multilabel: files in one seeded order, each kept while
-    one of its labels has fewer than k positives. Raises :class:`SkipPoint` when a class has
-    fewer than k examples (``where``, e.g. " (test fold fold00)", goes into its message).
-    Depends only on (seed, task, fold, draw, labels), not on embeddings.
-    """
-    if k < 1:
-        raise FewShotError(f"k must be at least 1, got {k}")
-    counts = class_counts(labels)
-    smallest = min(counts, key=lambda c: (counts[c], c))
-    if counts[smallest] < k:
-        raise SkipPoint(f"task {task}{where}: k={k} is larger than the smallest class "
-                        f"({smallest!r}: {counts[smallest]} training example(s)); point skipped")
-    rng = _rng(seed, task, fold, draw)
-    if not multilabel:
-        members: dict[str, list[int]] = {}  # one pass over the pool, not one per class
-        for i, label_set in enumerate(labels):
-            members.setdefault(label_set[0], []).append(i)
-        chosen = []
-        for label in sorted(members):
-            chosen.extend(rng.permutation(np.asarray(members[label], dtype=np.int64))[:k])
-        return np.sort(np.asarray(chosen, dtype=np.int64))
-    have = dict.fromkeys(counts, 0)
-    chosen = []
-    for i in rng.permutation(len(labels)):
-        if any(have[label] < k for label in labels[i]):
-            chosen.append(i)
-            for label in set(labels[i]):
-                have[label] += 1
-            if all(n >= k for n in have.values()):
-                break
-    return np.sort(np.asarray(chosen, dtype=np.int64))
-
-
-# ----------------------------------------------------------------------------------------------
-# The probe
-# ----------------------------------------------------------------------------------------------
-
-def score_function(metric: str, vocabulary: Sequence[str]) -> Callable[[np.ndarray, np.ndarray], float]:
-    """heareval's own score (``heareval.score.available_scores``) on (predictions, one-hot targets)."""
-    from heareval.score import available_scores  # imports dcase_util (seconds): only when used
-
-    if metric not in SCENE_SCORES or metric not in available_scores:
-        raise FewShotError(f"score {metric!r} is not a scene score heareval knows ({SCENE_SCORES})")
-    scorer = available_scores[metric](label_to_idx={label: i for i, label in enumerate(vocabulary)})
-    return lambda predictions, targets: float(scorer(predictions, targets))
-
-
-def targets_matrix(labels: Sequence[tuple[str, ...]], vocabulary: Sequence[str]) -> np.ndarray:
-    index = {label: i for i, label in enumerate(vocabulary)}
-    y = np.zeros((len(labels), len(vocabulary)), dtype=np.float32)
-    for row, label_set in enumerate(labels):
-        y[row, [index[label] for label in label_set]] = 1.0
-    return y
-
-
-def _make_classifier(multilabel: bool):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.multiclass import OneVsRestClassifier
-
-    # warm_start: along the C grid each fit starts from the previous solution (same optimum, fewer steps).
-    linear = LogisticRegression(max_iter=2000, warm_start=True)
-    return OneVsRestClassifier(linear) if multilabel else linear
-
-
-def _predict(classifier, X: np.ndarray, classes: Sequence[str], vocabulary: Sequence[str],
-             multilabel: bool) -> np.ndarray:
-    """Scores (n, len(vocabulary)): the probe's probabilities placed at each label's index."""
-    proba = classifier.predict_proba(X)
-    if multilabel:
-        return proba
-    out = np.zeros((len(X), len(vocabulary)), dtype=np.float64)
-    index = {label: i for i, label in enumerate(vocabulary)}
-    out[:, [index[c] for c in classes]] = proba
-    return out
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    score: float  # test score of the probe with the chosen C
-    C: float
-    valid_score: float
-
-
-def fit_probe(train: Split, valid: Split, test: Split, vocabulary: Sequence[str], metric: str,
-              multilabel: bool, Cs: Sequence[float] = DEFAULT_CS,
-              score: Callable[[np.ndarray, np.ndarray], float] | None = None) -> ProbeResult:
-    """Logistic regression on ``train`` standardised with train's mean and std; C chosen on
-    ``valid`` by the task's metric (ties: the stronger regularisation); the test score of that C."""
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    score = score or score_function(metric, vocabulary)
-    if multilabel:
-        y = targets_matrix(train.labels, vocabulary).astype(np.int64)
-        classes: Sequence[str] = vocabulary
-    else:
-        y = np.array([l[0] for l in train.labels])
-        classes = sorted(set(y))
-        if len(classes) < 2:
-            raise FewShotError("a probe needs at least two classes in its training set")
-    scaler = StandardScaler().fit(train.X)
-    X_train, X_valid, X_test = (scaler.transform(s.X) for s in (train, valid, test))
-    valid_targets = targets_matrix(valid.labels, vocabulary)
-    classifier = _make_classifier(multilabel)
-    best: tuple[float, float, np.ndarray] | None = None
-    # One BLAS thread: these problems are small, and threads only contend on a shared machine
-    # (measured 5-10x faster fits on 2 loaded cores).
-    with threadpool_limits(1), warnings.catch_warnings():
-        # OneVsRest warns about labels present in every (or no) k-shot file: it predicts them constantly.
-        warnings.simplefilter("ignore", UserWarning)
-        if X_train.shape[0] < X_train.shape[1]:
-            # Exact shortcut: an L2-penalised linear model's weights lie in the span of its training
-            # rows (the loss gradient is X^T(...)), so fitting in an orthonormal basis of that span
-            # gives the same predictions for any input, with n instead of d features (few-shot: n << d).
-            _, singular, vt = np.linalg.svd(X_train, full_matrices=False)
-            # At least one column: an all-zero training set (one file, standardised) gets zero weights anyway.
-            basis = vt[:max(1, int(np.sum(singular > singular[0] * 1e-10)))].T
-            X_train, X_valid, X_test = X_train @ basis, X_valid @ basis, X_test @ basis
-        for C in sorted(Cs):
-            if multilabel:
-                classifier.set_params(estimator__C=C)
-            else:
-                classifier.set_params(C=C)
-            classifier.fit(X_train, y)
-            value = score(_predict(classifier, X_valid, classes, vocabulary, multilabel), valid_targets)
-            value = value if math.isfinite(value) else -math.inf
-            if best is None or value > best[0]:
-                best = (value, C, _predict(classifier, X_test, classes, vocabulary, multilabel))
-    assert best is not None
-    test_score = score(best[2], targets_matrix(test.labels, vocabulary))
-    return ProbeResult(float(test_score), float(best[1]), float(best[0]))
-
-
-# ----------------------------------------------------------------------------------------------
-# heareval's own predictor on a k-shot training set
-# ----------------------------------------------------------------------------------------------
-
-def _slug_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in text) or "_"
-
-
-def _write_heareval_split(folder: Path, name: str, split: Split) -> None:
-    """One split as heareval's embeddings runner writes it and its predictions runner reads it:
-    ``<split>.embeddings.npy`` (a raw float32 memmap), ``.embedding-dimensions.json``,
-    ``.target-labels.pkl`` (label lists), and ``<split>.json`` (the ground truth, which heareval
-    reads for event tasks only; written so that the folder says which files it holds)."""
-    memmap = np.memmap(folder / f"{name}.embeddings.npy", dtype=np.float32, mode="w+", shape=split.X.shape)
-    memmap[:] = split.X
-    memmap.flush()
-    del memmap
-    (folder / f"{name}.embedding-dimensions.json").write_text(json.dumps(list(split.X.shape)))
-    (folder / f"{name}.target-labels.pkl").write_bytes(pickle.dumps([list(l) for l in split.labels]))
-    (folder / f"{name}.json").write_text(json.dumps({f: list(l) for f, l in zip(split.files, split.labels)}))
-
-
-def write_heareval_task(meta: TaskMeta, folder: str | os.PathLike, train: Split, valid: Split,
-                        test: Split) -> Path:
-    """A heareval embeddings task folder whose train split is ``train`` (the k-shot set).
-
-    Always a ``trainvaltest`` folder: heareval's predictor then trains on exactly ``train``,
-    selects on ``valid`` and scores ``test``. For a k-fold task this is one fold's point
-    (train: the draw from that fold's training folds, valid: fold i+1, test: fold i); for a
-    task without a validation split, ``valid`` is the carved 20 % the probe also uses (heareval
-    itself cannot run such a task). The task's metadata is kept otherwise, so its own
-    ``evaluation_params`` grid and heareval's per-task grid apply as on full data."""
-    folder = Path(folder)
-    folder.mkdir(parents=True)
-    metadata = _read_json(meta.path / "task_metadata.json")
-    metadata.update(split_mode="trainvaltest", splits=["train", "valid", "test"])
-    (folder / "task_metadata.json").write_text(json.dumps(metadata, indent=1))
-    shutil.copyfile(meta.path / "labelvocabulary.csv", folder / "labelvocabulary.csv")
-    for name, split in (("train", train), ("valid", valid), ("test", test)):
-        _write_heareval_split(folder, name, split)
-    return folder
-
-
-def _heareval_result(folder: Path, metric: str) -> tuple[float, float]:
-    """(test score of ``metric``, validation score) from heareval's ``test.predicted-scores.json``."""
-    path = folder / "test.predicted-scores.json"
-    if not path.is_file():
-        raise FewShotError(f"heareval wrote no {path}")
-    results = _read_json(path)  # Python's json reads heareval's bare NaN / Infinity
-    test = results.get("test") if isinstance(results, dict) else None
-    if not isinstance(test, dict) or f"test_{metric}" not in test:
-        raise FewShotError(f"{path}: no 'test' entry with test_{metric}")
-    return float(test[f"test_{metric}"]), float(test.get("validation_score", math.nan))
-
 
 def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", np.ndarray]],
                      store: "PointStore", work: Path, options: PredictorOptions) -> int:
@@ -543,9 +140,6 @@ def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", 
 
     Points that finished are stored even when a later one failed; then FewShotError names the
     log and the folder, which is kept for inspection (otherwise it is removed)."""
-    from . import heareval_compat
-    from .hear_eval import log_tail, run_logged
-
     batch = work / meta.name
     if batch.exists():  # left by a killed or failed run: its points were not stored
         shutil.rmtree(batch)
@@ -561,7 +155,7 @@ def _heareval_points(meta: TaskMeta, pending: Sequence[tuple[PointKey, "_Fold", 
     stored = 0
     for (key, fold, index), folder in zip(pending, folders):
         try:
-            score, valid_score = _heareval_result(folder, meta.metric)
+            score, valid_score = heareval_result(folder, meta.metric)
         except FewShotError as error:
             raise FewShotError(f"task {meta.name}: heareval predictions runner (exit {code}) on {folder}: "
                                f"{error}; see {log_path}:\n{log_tail(log_path)}") from None
@@ -721,7 +315,7 @@ def _check_config(out_dir: Path, seed: int, options: PredictorOptions) -> None:
     (resume safety). Probe and heareval points are told apart by their key, so both may share
     a folder; each predictor's settings are checked against its own earlier points."""
     path = out_dir / CONFIG_FILE
-    saved = _read_json(path) if path.is_file() else {}
+    saved = read_json(path) if path.is_file() else {}
     if not isinstance(saved, dict):
         raise FewShotError(f"{path}: not a few-shot config (a JSON object)")
     wanted = {"seed": seed, "valid_fraction_when_no_valid_split": VALID_FRACTION, **options.settings()}
@@ -739,7 +333,7 @@ def _check_inputs(out_dir: Path, chosen: Mapping[str, Mapping[str, TaskMeta]], s
     """Refuse to reuse points computed from embeddings that have since been recomputed (a new
     ``.done.embeddings`` marker), which would silently mix two versions of a checkpoint."""
     path = out_dir / INPUTS_FILE
-    saved = _read_json(path) if path.is_file() else {}
+    saved = read_json(path) if path.is_file() else {}
     done = {key[:2] for key in store.rows}
     for label, metas in chosen.items():
         for name, meta in metas.items():
@@ -793,6 +387,10 @@ def _point_row(key: PointKey, metric: str, score: float = math.nan, C: float = m
     return {"checkpoint": label, "task": task, "k": k, "draw": draw, "fold": fold, "score": score,
             "metric": metric, "C": C, "valid_score": valid_score, "n_train": n_train,
             "predictor": predictor, "skipped": skipped}
+
+
+def _slug_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in text) or "_"
 
 
 def _run_task(label: str, meta: TaskMeta, ks: Sequence[int], draws: int, seed: int,

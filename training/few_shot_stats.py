@@ -38,7 +38,7 @@ from scipy import stats
 from hear_brainsoundnet.files import atomic_write
 
 from .evaluate import smallest_wilcoxon_p
-from .report import _pyplot, _save  # the report's figure helpers: Agg backend, atomic PNG
+from .figures import pyplot, save_png
 
 PREDICTOR_NAMES = {"probe": "linear probe", "heareval": "heareval predictor"}
 STATS_COLUMNS = ("task", "metric", "k", "unit", "baseline", "n_pairs", "mean_baseline",
@@ -191,7 +191,7 @@ def _slug(text: str) -> str:
 
 def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike, predictor: str = "probe") -> Path:
     """Score vs k (log axis) for one task: a line per checkpoint, its 95 % band over draws."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = curves[curves["task"] == task]
     figure, axes = plt.subplots(figsize=(5.2, 3.6))
     for label, group in rows.groupby("checkpoint", sort=False):
@@ -207,12 +207,12 @@ def plot_task(curves: pd.DataFrame, task: str, path: str | os.PathLike, predicto
     axes.set_title(f"{task}: few-shot {PREDICTOR_NAMES.get(predictor, predictor)}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    return _save(figure, Path(path))
+    return save_png(figure, path)
 
 
 def plot_differences(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Compared minus baseline vs k, one line per task (band: ± 1 s.e. over pairs), mean over tasks."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(5.6, 3.8))
     for task, group in table.groupby("task", sort=True):
         group = group.sort_values("k")
@@ -235,7 +235,7 @@ def plot_differences(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     axes.set_title("Few-shot difference across tasks")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    return _save(figure, Path(path))
+    return save_png(figure, path)
 
 
 def _fmt(value: float, digits: int = 3) -> str:

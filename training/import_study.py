@@ -20,7 +20,7 @@ dtype, finiteness; a missing or extra key is an error naming it) and writes one
 :mod:`hear_brainsoundnet.checkpoints` file: the backbone (and conv8 heads), the brain head as
 ``extra.head.<subject>.*`` in :mod:`training.model`'s format, and a provenance naming the source
 file, its sha256 and the study's fields. ``hear_brainsoundnet.load_model(OUT)`` then serves it
-through the HEAR API, and :func:`training.publish.load_brain_model` predicts brain activity.
+through the HEAR API, and :meth:`training.model.EncodingModel.from_pretrained` predicts brain activity.
 
 Conventions, and what was chosen:
 
@@ -73,17 +73,19 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from hear_brainsoundnet.checkpoints import load_checkpoint, save_checkpoint
-
 from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.soundnet import BACKBONE_LAYERS, HEAD_LAYERS, SPECS, SoundNet8, SoundNetConfig
 
 from .config import CONDITIONS
-from .model import FEATURE_CHANNELS, FEATURE_LAYER
+from .model import BRAIN_HEAD_FORMULA, FEATURE_CHANNELS
+from .timebase import FEATURE_LAYER
 
 STUDY_FIELDS = ("out_size", "output_layer", "fmrihidden", "kernel_size", "power_transform", "checkpoint")
 STUDY_TR = 1.49
 STUDY_INPUT_SCALE = 1.0  # see the module docstring
 STUDY_CODE = "https://github.com/brain-bzh/cNeuromod_encoding_2020 (convert_model.py, SoundNetEncoding_conv)"
+# The conditions that fine-tune from a layer of the pretrained network (conv4..conv7).
+FINE_TUNED_CONDITIONS = tuple(c for c in CONDITIONS if c.startswith("conv"))
 _BN_PARAMETERS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -234,7 +236,7 @@ def names_from_filename(name: str) -> tuple[str | None, str | None]:
         elif "_NoInit" in name:
             condition = None if finetuned else "null"
         elif finetuned:
-            condition = finetuned.group(1) if finetuned.group(1) in ("conv4", "conv5", "conv6", "conv7") else None
+            condition = finetuned.group(1) if finetuned.group(1) in FINE_TUNED_CONDITIONS else None
         else:
             condition = "head"
     return (subject.group(1) if subject else None), condition
@@ -297,8 +299,6 @@ def import_study(in_path: str | Path, out_path: str | Path, *, subject: str | No
         if not subject:
             raise StudyImportError(f"{source}: which subject is this head for? The file name has no "
                                    "sub-XX: pass subject (--subject sub-01)")
-        from .publish import BRAIN_HEAD_FORMULA  # the formula the head tensors follow
-
         extra_tensors = head_from_study(state, subject)
         extra_config = {"brain_head": {
             "type": "causal temporal convolution", "feature_layer": FEATURE_LAYER,
@@ -325,7 +325,7 @@ def import_study(in_path: str | Path, out_path: str | Path, *, subject: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.import_study",
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.import_study",
                                      description="Import a checkpoint saved by the study's code "
                                                  "(convert_model.py) as a hear-brainsoundnet checkpoint.")
     parser.add_argument("input", help="the study's .pt file (a torch.save dict; loaded without running code)")

@@ -52,23 +52,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from hear_brainsoundnet.embeddings import layer_frames
 from hear_brainsoundnet.fast import FastSoundNet
 from hear_brainsoundnet.soundnet import (BACKBONE_LAYERS, SAMPLE_RATE, SPECS, SoundNet8,
                                          block_output_length, frame_geometry, output_length)
 
 from .config import BATCHNORM_MODES, CONDITIONS
+from .data import DEFAULT_TR
 from .timebase import FEATURE_LAYER, tr_frames, tr_samples
 
 FEATURE_CHANNELS = SPECS[FEATURE_LAYER].out_channels
 MIN_SCALE_FRACTION = 0.1  # head input scales are at least this fraction of the mean channel's
 EPISODE_CHUNK_SAMPLES = 60 * SAMPLE_RATE  # audio per pass when computing whole-episode features
+BRAIN_HEAD_FORMULA = (
+    "prediction[t, :] = bias + sum_{d=0}^{k-1} sum_c weight[:, c, d] * x[c, t - k + 1 + d], with "
+    "x[c, u] = (conv7[c, frame(u)] - input_mean[c]) / input_scale[c] for u >= 0 and 0 before the "
+    "run's first TR; frame(u) = the conv7 frame whose centre is nearest the middle of TR u, "
+    "(u + 1/2) * TR * 22050 samples (conv7 frame j is centred on sample -10001.5 + 32768 j)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,14 +285,17 @@ def _swap_batchnorm(block: nn.Module) -> None:
 class EncodingModel(nn.Module):
     """SoundNet-8 backbone + one causal temporal head per subject, in a training condition.
 
-    ``subjects`` maps subject id -> number of targets. ``backbone`` defaults to a seeded random
-    SoundNet-8 (the caller loads pretrained weights into it). Forward computation is split so
-    that the trainer can cache what does not change: :meth:`prefix` (frozen layers, no grad),
-    :meth:`trunk` (trained layers), :meth:`head`.
+    ``subjects`` maps subject id -> number of targets; ``target_names`` (optional) names them
+    and ``tr`` is the TR the heads were fitted at: both are saved with the model.
+    ``backbone`` defaults to a seeded random SoundNet-8 (the caller loads pretrained weights
+    into it). Forward computation is split so that the trainer can cache what does not change:
+    :meth:`prefix` (frozen layers, no grad), :meth:`trunk` (trained layers), :meth:`head`.
+    Files: :meth:`save_pretrained` and :meth:`from_pretrained` (see the module docstring).
     """
 
     def __init__(self, subjects: Mapping[str, int], *, kernel_trs: int = 7, condition: str = "conv4",
-                 batchnorm: str = "frozen-eval", backbone: SoundNet8 | None = None):
+                 batchnorm: str = "frozen-eval", backbone: SoundNet8 | None = None,
+                 target_names: Mapping[str, Sequence[str]] | None = None, tr: float = DEFAULT_TR):
         super().__init__()
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"unknown batchnorm mode {batchnorm!r}; choose one of {BATCHNORM_MODES}")
@@ -292,6 +303,13 @@ class EncodingModel(nn.Module):
             raise ValueError(f"kernel_trs must be >= 1, got {kernel_trs}")
         if not subjects:
             raise ValueError("an encoding model needs at least one subject")
+        self.target_names = {s: list(names) for s, names in (target_names or {}).items()}
+        for subject, names in self.target_names.items():
+            if subject not in subjects or len(names) != subjects[subject]:
+                raise ValueError(f"target_names of {subject!r}: {len(names)} names for a subject with "
+                                 f"{subjects.get(subject, 'no')} targets")
+        self.tr = tr
+        self.provenance: dict[str, Any] = {}  # what from_pretrained read; save_pretrained's default
         self.condition, self.batchnorm, self.kernel_trs = condition, batchnorm, kernel_trs
         self.trained = trained_layers(condition)
         self.prefix_layer = prefix_layer(condition)
@@ -339,7 +357,7 @@ class EncodingModel(nn.Module):
 
     def frozen_network(self) -> nn.Module:
         """What runs the frozen layers: the fused inference path (:mod:`hear_brainsoundnet.fast`)
-        when they use running statistics (same numbers to float rounding, 2-3x faster on CPU),
+        when they use running statistics (same numbers to float rounding, faster on CPU),
         else the backbone itself."""
         if not self.prefix_cacheable or next(self.parameters()).device.type != "cpu":
             return self.backbone  # (on a GPU the frozen blocks, in eval mode, run on cuDNN)
@@ -411,8 +429,10 @@ class EncodingModel(nn.Module):
 
     @torch.no_grad()
     def predict_run(self, waveform: np.ndarray | torch.Tensor, n_trs: int, subject: str, *,
-                    tr: float = 1.49) -> np.ndarray:
-        """Predicted targets ``(n_trs, n_targets)`` of a whole run from its episode's audio (eval mode)."""
+                    tr: float | None = None) -> np.ndarray:
+        """Predicted targets ``(n_trs, n_targets)`` of a whole run from its episode's audio (eval
+        mode); ``tr`` defaults to the model's."""
+        tr = self.tr if tr is None else tr
         geometry = EpisodeGeometry(n_trs, len(waveform), tr=tr, prefix=FEATURE_LAYER,
                                    context=self.kernel_trs - 1, window_trs=min(n_trs, 1), name="run")
         conv7 = self.episode_features(waveform, geometry, FEATURE_LAYER)
@@ -427,11 +447,63 @@ class EncodingModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def describe(self) -> dict[str, Any]:
-        """The architecture as JSON: what a checkpoint needs to rebuild this model."""
-        return {"subjects": {s: h.n_targets for s, h in self.heads.items()}, "kernel_trs": self.kernel_trs,
-                "condition": self.condition, "batchnorm": self.batchnorm,
-                "feature_layer": FEATURE_LAYER, "prefix_layer": self.prefix_layer}
+    def save_pretrained(self, path: str | Path, *, provenance: Mapping[str, Any] | None = None) -> Path:
+        """Write this model as a HEAR checkpoint (atomically) and return its path.
+
+        ``path`` is a ``.safetensors`` file, or a folder (``model.safetensors`` in it, as on the
+        Hub); ``provenance`` (default: :attr:`provenance`) is stored as the checkpoint's.
+        """
+        heads = head_tensors(self)
+        brain_head = {"type": "causal temporal convolution", "feature_layer": FEATURE_LAYER,
+                      "condition": self.condition, "kernel_trs": self.kernel_trs, "tr": self.tr,
+                      "subjects": self.subjects, "targets": self.target_names,
+                      "formula": BRAIN_HEAD_FORMULA, "tensors": sorted(heads),
+                      "batchnorm_during_training": self.batchnorm}
+        return save_checkpoint(_model_file(path), plain_backbone(self), extra_tensors=heads,
+                               provenance=self.provenance if provenance is None else provenance,
+                               extra_config={"brain_head": brain_head})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "EncodingModel":
+        """The model saved at ``path`` (a file or a folder, as :meth:`save_pretrained` takes),
+        in eval mode, with its :attr:`provenance`. Loading never moves the caller's torch seed.
+
+        Errors (:class:`~hear_brainsoundnet.checkpoints.CheckpointError`) name the file: not a
+        checkpoint (a run model of the retired format says what to do), or no brain head.
+        """
+        path = _model_file(path)
+        with torch.random.fork_rng(devices=[]):  # building modules draws random initial weights
+            checkpoint = load_checkpoint(path)
+            head = checkpoint.config.get("extra", {}).get("brain_head")
+            if not isinstance(head, dict):
+                raise CheckpointError(f"{path}: no brain head in this checkpoint (a plain SoundNet-8?); "
+                                      "brain predictions need a model saved by training (best.safetensors) "
+                                      "or exported by training.publish")
+            try:
+                subjects = {s: int(checkpoint.extra[f"head.{s}.weight"].shape[0]) for s in head["subjects"]}
+                model = cls(subjects, kernel_trs=head["kernel_trs"], tr=head["tr"],
+                            # files exported before the head recorded its condition kept it in the provenance
+                            condition=head.get("condition") or checkpoint.provenance.get("condition", "head"),
+                            batchnorm=head.get("batchnorm_during_training", "frozen-eval"),
+                            target_names=head.get("targets"))
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(f"{path}: invalid brain_head in the config ({type(error).__name__}: "
+                                      f"{error})") from None
+        model.backbone.load_state_dict({k: v for k, v in checkpoint.model.state_dict().items()
+                                        if k.startswith("blocks.")})  # not SoundNet's conv8 heads
+        load_heads(model, checkpoint.extra, str(path))
+        model.provenance = dict(checkpoint.provenance)
+        return model.to(device).eval()
+
+
+def _model_file(path: str | Path) -> Path:
+    """``path``, or the Hub's file name inside it when it is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        from hear_brainsoundnet.hub import CHECKPOINT_FILENAME  # imports huggingface_hub: only here
+
+        return path / CHECKPOINT_FILENAME
+    return path
 
 
 def plain_backbone(model: EncodingModel) -> SoundNet8:

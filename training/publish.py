@@ -1,18 +1,21 @@
-"""Export a trained model as a HEAR checkpoint with its model card, and publish it on a Hub.
+"""Export a trained model with its model card, and publish it on a Hub.
 
-- :func:`export` turns a run's ``best.safetensors`` into a folder ready for the Hub and for the
-  HEAR plugin: ``model.safetensors`` (a :mod:`hear_brainsoundnet.checkpoints` file: the
-  SoundNet-8 backbone, the brain heads kept alongside as extra tensors, and in its header the
-  heads' description and the full provenance), ``config.json`` (a copy of that header's config
-  for the Hub page) and ``README.md`` (the model card, from ``weights/model_card_template.md``
-  through :class:`hear_brainsoundnet.hub.HubCheckpoint`).
+- :func:`export` turns a run's ``best.safetensors`` (already a HEAR checkpoint: the SoundNet-8
+  backbone, the brain heads as extra tensors, their description and the training provenance
+  in its config; see :meth:`training.model.EncodingModel.save_pretrained`) into a folder ready
+  for the Hub and for the HEAR plugin: ``model.safetensors`` (the same tensors, with the
+  publication's fields added to the provenance: name, licence, whether the run finished, its
+  curves), ``config.json`` (a copy of that header's config for the Hub page) and ``README.md``
+  (the model card, from ``weights/model_card_template.md`` through
+  :class:`hear_brainsoundnet.hub.HubCheckpoint`).
 - :func:`publish` uploads such a folder to a Hub model repo with ``huggingface_hub`` and records
   the repo id, the commit (the pinned revision) and the file's sha256 in a manifest file
   (``weights/manifest.json`` format) whose path the caller gives: tests write a temporary one;
   only real published checkpoints belong in the shipped ``weights/manifest.json``.
 
 The brain heads (``extra.head.<subject>.{weight,bias,input_mean,input_scale}``) predict a
-subject's targets from conv7: see ``BRAIN_HEAD_FORMULA`` and :mod:`training.model`.
+subject's targets from conv7: see ``BRAIN_HEAD_FORMULA`` in :mod:`training.model`;
+``EncodingModel.from_pretrained(folder)`` rebuilds the model from an export.
 
 An unfinished run (killed, diverged, or still training: its ``last.safetensors`` records no
 stop reason) is refused by :func:`export` unless ``allow_unfinished=True``
@@ -32,7 +35,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +42,15 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from hear_brainsoundnet import __version__
-from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from hear_brainsoundnet.checkpoints import CheckpointError, load_checkpoint
 from hear_brainsoundnet.files import sha256_file
 from hear_brainsoundnet.hub import (CHECKPOINT_FILENAME, NAME_PATTERN, HubCheckpoint, ManifestEntry,
                                     ManifestError, load_manifest, write_manifest)
 
-from .model import FEATURE_LAYER, EncodingModel, head_tensors, load_heads, plain_backbone
-from .state import load_model, run_completion
+from .model import EncodingModel
+from .state import run_completion
 
 LICENCE = "CC-BY-4.0"
-BRAIN_HEAD_FORMULA = (
-    "prediction[t, :] = bias + sum_{d=0}^{k-1} sum_c weight[:, c, d] * x[c, t - k + 1 + d], with "
-    "x[c, u] = (conv7[c, frame(u)] - input_mean[c]) / input_scale[c] for u >= 0 and 0 before the "
-    "run's first TR; frame(u) = the conv7 frame whose centre is nearest the middle of TR u, "
-    "(u + 1/2) * TR * 22050 samples (conv7 frame j is centred on sample -10001.5 + 32768 j)")
 
 
 class ExportError(ValueError):
@@ -84,36 +80,17 @@ class Publication:
     entry: ManifestEntry
 
 
-def _code_version() -> str:
-    """Package version, plus the git commit when run from a checkout (and '+dirty' if modified)."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{__version__}+g{commit[:12]}{'.dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-
-
-def default_name(metadata: dict[str, Any]) -> str:
+def default_name(condition: str, subjects: list[str]) -> str:
     """A manifest-valid name from the model, e.g. ``conv4_sub_01`` or ``conv4_group``."""
-    subjects = list(metadata["model"]["subjects"])
     who = subjects[0] if len(subjects) == 1 else "group"
-    name = re.sub(r"[^a-z0-9_]+", "_", f"{metadata['model']['condition']}_{who}".lower()).strip("_")
+    name = re.sub(r"[^a-z0-9_]+", "_", f"{condition}_{who}".lower()).strip("_")
     return name if NAME_PATTERN.fullmatch(name) else f"m_{name}"
 
 
-def _is_synthetic(config: dict[str, Any]) -> bool:
-    return config.get("data", {}).get("source") == "synthetic"
-
-
-def _description(metadata: dict[str, Any]) -> str:
-    config = metadata["config"]
-    model = metadata["model"]
-    subjects = list(model["subjects"])
-    condition = model["condition"]
+def _description(provenance: dict[str, Any]) -> str:
+    """The model card's description, from a checkpoint's provenance."""
+    subjects = list(provenance.get("subjects", []))
+    condition = provenance.get("condition", "")
     what = {"head": "the pretrained SoundNet-8 with only a brain-encoding head fitted (baseline)",
             "null": "a randomly initialised SoundNet-8 with a brain-encoding head (null model)"}.get(
         condition, f"SoundNet-8 fine-tuned from {condition} to conv7 to predict brain activity")
@@ -123,15 +100,16 @@ def _description(metadata: dict[str, Any]) -> str:
              "**Intended use**: audio representations for downstream tasks through the HEAR API, and "
              "predictions of the training subjects' brain responses to audio (the `extra.head.*` "
              "tensors; see `brain_head` in the configuration). Not for clinical or diagnostic use."]
-    if _is_synthetic(config):
+    if provenance.get("synthetic_data"):
         lines += ["", "**Demo model**: trained on the synthetic Friends-like dataset embedded in "
                   "hear-brainsoundnet (generated audio and simulated BOLD), not on real fMRI. It "
                   "shows the pipeline working end to end; it is not a brain-aligned network."]
-    status = metadata.get("training_status") or {}
+    status = provenance.get("training_status") or {}
     if status and not status.get("finished"):
         lines += ["", f"**Unfinished run**: exported at the user's request before training "
                   f"ended ({status.get('epochs_completed')} of at most {status.get('max_epochs')} "
-                  f"epochs); this is the best model so far (epoch {metadata.get('epoch')})."]
+                  f"epochs); this is the best model so far (epoch "
+                  f"{provenance.get('metrics', {}).get('best_epoch')})."]
     return "\n".join(lines)
 
 
@@ -166,8 +144,9 @@ def export(run: str | Path, out_dir: str | Path, *, name: str | None = None,
            allow_unfinished: bool = False) -> Export:
     """Export the best model of a run directory (or a ``best.safetensors`` file) to ``out_dir``.
 
-    The checkpoint loads in the HEAR plugin (``hear_brainsoundnet.load_model(out_dir /
-    "model.safetensors")``) and carries the heads and the provenance. The run must have
+    The checkpoint is the run's model with the publication's fields added to its provenance
+    (``hear_brainsoundnet.load_model(out_dir / "model.safetensors")`` gives the same embeddings
+    as the run's ``best.safetensors``), and the model card beside it. The run must have
     finished (its ``last.safetensors`` records a stop reason) unless ``allow_unfinished``.
     """
     run = Path(run)
@@ -175,70 +154,27 @@ def export(run: str | Path, out_dir: str | Path, *, name: str | None = None,
     best = run / "best.safetensors" if run.is_dir() else run
     if not best.is_file():
         raise FileNotFoundError(f"{best}: no best model (has the run finished an epoch?)")
-    model, metadata = load_model(best)
-    config = metadata["config"]
-    name = name or default_name(metadata)
+    model = EncodingModel.from_pretrained(best)
+    name = name or default_name(model.condition, model.subjects)
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"name {name!r} must match {NAME_PATTERN.pattern} (it becomes a module name)")
-    metadata["training_status"] = _training_status(best, config, allow_unfinished)
+    status = _training_status(best, model.provenance.get("training_config", {}), allow_unfinished)
     _check_out_dir(out_dir)
-    subjects = list(model.heads)
     history_path = best.parent / "curves.csv"
-    provenance = {
-        "name": name,
-        "condition": model.condition,
-        "subjects": subjects,
-        "training_data": metadata.get("data", {}),
-        "synthetic_data": _is_synthetic(config),
-        "initial_weights": ("random (seed {})".format(config["run"]["seed"]) if model.condition == "null"
-                            else config["model"]["init"]),
-        "metrics": {"best_val_loss_mse": metadata["val_loss"], "best_epoch": metadata["epoch"]},
-        "seed": config["run"]["seed"],
-        "code_version": _code_version(),
-        "training_config": config,
-        "curves": history_path.name if history_path.is_file() else None,
-        "training_status": metadata["training_status"],
-        "licence": LICENCE,
-    }
-    head_config = {"brain_head": {
-        "type": "causal temporal convolution", "feature_layer": FEATURE_LAYER,
-        "kernel_trs": model.kernel_trs, "tr": metadata["tr"], "subjects": subjects,
-        "targets": metadata["target_names"], "formula": BRAIN_HEAD_FORMULA,
-        "tensors": sorted(head_tensors(model)), "batchnorm_during_training": model.batchnorm}}
-    checkpoint_path = save_checkpoint(out_dir / CHECKPOINT_FILENAME, plain_backbone(model),
-                                      provenance=provenance, extra_tensors=head_tensors(model),
-                                      extra_config=head_config)
+    provenance = {**model.provenance, "name": name, "training_status": status, "licence": LICENCE,
+                  "curves": history_path.name if history_path.is_file() else None}
+    checkpoint_path = model.save_pretrained(out_dir / CHECKPOINT_FILENAME, provenance=provenance)
     card_path = out_dir / "README.md"
     card_path.unlink(missing_ok=True)  # regenerate: save_pretrained keeps an existing card
     HubCheckpoint(load_checkpoint(checkpoint_path)).save_pretrained(out_dir, model_card_kwargs={
-        "name": name, "description": _description(metadata), "metrics": provenance["metrics"]})
+        "name": name, "description": _description(provenance), "metrics": provenance.get("metrics", {})})
     return Export(out_dir, checkpoint_path, card_path, sha256_file(checkpoint_path), name)
-
-
-def load_brain_model(path: str | Path, device: str = "cpu") -> tuple[EncodingModel, dict[str, Any]]:
-    """The :class:`EncodingModel` (backbone + brain heads, eval mode) of an exported checkpoint,
-    and the heads' description (``brain_head``: subjects, target names, kernel, TR)."""
-    checkpoint = load_checkpoint(path)
-    head = checkpoint.config.get("extra", {}).get("brain_head")
-    if head is None:
-        raise CheckpointError(f"{path}: no brain head in this checkpoint (a plain SoundNet-8?); "
-                              "brain predictions need a checkpoint exported by training.publish")
-    provenance = checkpoint.provenance
-    model = EncodingModel({s: len(head["targets"][s]) for s in head["subjects"]},
-                          kernel_trs=head["kernel_trs"], condition=provenance.get("condition", "head"),
-                          batchnorm=head.get("batchnorm_during_training", "frozen-eval"))
-    model.backbone.load_state_dict({k: v for k, v in checkpoint.model.state_dict().items()
-                                    if k.startswith("blocks.")})
-    load_heads(model, checkpoint.extra, str(path))
-    return model.to(device).eval(), head
 
 
 def _publication_entry(name: str, repo_id: str, sha256: str, provenance: dict[str, Any],
                        revision: str) -> ManifestEntry:
     """The manifest entry of a publication (validated: errors name the field)."""
-    description = _description({"config": provenance.get("training_config", {}),
-                                "model": {"subjects": {s: 0 for s in provenance.get("subjects", [])},
-                                          "condition": provenance.get("condition", "")}})
+    description = _description(provenance)
     entry = ManifestEntry(
         name=name, description=description.split("\n")[0], source="hub", sha256=sha256,
         licence=LICENCE, card=f"{repo_id}/README.md",
@@ -296,8 +232,8 @@ def publish(folder: str | Path, repo_id: str, *, name: str, manifest: str | Path
     return Publication(repo_id, commit.oid, CHECKPOINT_FILENAME, sha256, manifest, entry)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.publish", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = f"python -m {__package__}.publish") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ex = commands.add_parser("export", help="best model of a run -> HEAR checkpoint folder with model card")
     ex.add_argument("run", help="run directory (or its best.safetensors)")

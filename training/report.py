@@ -25,26 +25,14 @@ import pandas as pd
 
 from hear_brainsoundnet.files import atomic_write
 
-from .evaluate import HeldOutResults, parcel_values_to_img, render_brain_map
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> Path:
-    plt = _pyplot()
-    try:
-        figure.tight_layout()
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(figure)
-
+from .evaluate import (
+    HeldOutResults,
+    comparison_table,
+    parcel_values_to_img,
+    render_brain_map,
+)
+from .figures import pyplot, save_png
+from .hear_scores import plot_scores, primary_markdown
 
 # ----------------------------------------------------------------------------------------------
 # Figures
@@ -56,7 +44,7 @@ def plot_learning_curves(curves: Mapping[str, Mapping[str, str | os.PathLike]], 
 
     ``curves`` maps a panel title to ``{run label: curves.csv}`` (the training runs' files).
     """
-    plt = _pyplot()
+    plt = pyplot()
     panels = list(curves)
     columns = min(4, max(1, len(panels)))
     rows = int(np.ceil(len(panels) / columns))
@@ -79,7 +67,7 @@ def plot_learning_curves(curves: Mapping[str, Mapping[str, str | os.PathLike]], 
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     figure.suptitle("Learning curves (solid: validation, dotted: training; dot: best epoch)", fontsize=9)
-    return _save(figure, Path(path))
+    return save_png(figure, path)
 
 
 def plot_score_scatter(comparison: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> Path:
@@ -89,7 +77,7 @@ def plot_score_scatter(comparison: pd.DataFrame, path: str | os.PathLike, *, tit
     :attr:`HeldOutResults.comparisons`; points are coloured by ``kind`` when present, and
     targets with a significant difference (BY FDR) are drawn filled.
     """
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.4, 4.2))
     kinds = comparison["kind"] if "kind" in comparison else pd.Series(["target"] * len(comparison))
     for i, kind in enumerate(dict.fromkeys(kinds)):
@@ -113,7 +101,7 @@ def plot_score_scatter(comparison: pd.DataFrame, path: str | os.PathLike, *, tit
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="upper left")
     axis.grid(alpha=0.3)
-    return _save(figure, Path(path))
+    return save_png(figure, path)
 
 
 def brain_map(values: np.ndarray, atlas, png: str | os.PathLike, html: str | os.PathLike, *,
@@ -194,8 +182,6 @@ def check_claims(held_out: HeldOutResults, *, pairs: Sequence[tuple[str, str, st
     The statistics are across held-out runs of one fitted model per condition (``n_seeds`` = 1):
     they say whether that fitted model is better on new stimuli, not whether training is.
     """
-    from .evaluate import comparison_table
-
     claims: list[Claim] = []
     if held_out.comparisons.empty or "kind" not in held_out.comparisons:
         return claims
@@ -305,8 +291,6 @@ def _few_shot_section(few_shot_dir: Path | None, figures: Path) -> list[str]:
 def _auditory_section(held: HeldOutResults, tables: Path) -> list[str]:
     """Per subject and compared pair, over the auditory parcels: k of N significant parcels and
     the pooled test (:func:`training.evaluate.comparison_table`), and the seeds' spread."""
-    from .evaluate import comparison_table
-
     lines: list[str] = []
     if "kind" in held.comparisons and (held.comparisons["kind"] == "auditory").any() and held.scores:
         pairs = list(dict.fromkeys(zip(held.comparisons["baseline"], held.comparisons["candidate"])))
@@ -328,37 +312,56 @@ def _auditory_section(held: HeldOutResults, tables: Path) -> list[str]:
 
 def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
     """Write figures, tables and ``README.md`` into ``report_dir``; return the README's path."""
-    from .hear_eval import plot_scores, primary_markdown
-
     report_dir = Path(report_dir)
     figures, tables = report_dir / "figures", report_dir / "tables"
     for folder in (figures, tables):
         folder.mkdir(parents=True, exist_ok=True)
-    held = inputs.held_out
+    lines = _summary_section(inputs)
+    lines += _training_section(inputs, figures)
+    lines += _held_out_section(inputs, figures, tables)
+    lines += _brain_maps_section(inputs, figures)
+    lines += _hear_section(inputs, figures, tables)
+    lines += _few_shot_section(inputs.few_shot_dir, figures)
+    lines += _run_time_and_notes_section(inputs)
+    readme = report_dir / "README.md"
+    return atomic_write(readme, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+
+
+def _summary_section(inputs: ReportInputs) -> list[str]:
+    """Title and settings, the claims table, the data facts."""
     lines = [f"# {inputs.title}", ""]
     lines += [f"- **{key}**: {value}" for key, value in inputs.settings.items()]
     lines += [""]
-
     if inputs.claims:
         lines += ["## What the synthetic data show", "",
                   "| claim | holds | evidence |", "|:--|:--|:--|"]
         lines += [f"| {c.statement} | {'yes' if c.holds else '**no**'} | {c.evidence} |" for c in inputs.claims]
         lines += [""]
-
     if inputs.data_facts:
         lines += ["## Data", ""] + [f"- {key}: {value}" for key, value in inputs.data_facts.items()] + [""]
+    return lines
 
-    lines += ["## Training", "", _markdown_table(inputs.training, formats={"lr": "g", "backbone_lr": "g", "train_seconds": ".1f"}), ""]
+
+def _training_section(inputs: ReportInputs, figures: Path) -> list[str]:
+    """The training runs' table and the learning curves figure."""
+    lines = ["## Training", "", _markdown_table(inputs.training, formats={"lr": "g", "backbone_lr": "g",
+                                                                          "train_seconds": ".1f"}), ""]
     if inputs.curves:
         plot_learning_curves(inputs.curves, figures / "learning_curves.png")
         lines += ["![learning curves](figures/learning_curves.png)", ""]
+    return lines
 
-    lines += ["## Brain encoding on the held-out runs", "",
-              "Per parcel and run: Pearson r and r2 (`sklearn.metrics.r2_score`), then the mean "
-              "over runs. `ceiling_fraction_r` (`_r2`): median over parcels of held-out r (r2) / the noise "
-              "ceiling r (r2) of the same held-out runs, the score of an oracle that knows the noiseless "
-              "signal. `ridge-*` and `oracle`: lagged ridge encoding models (penalty per parcel by "
-              "leave-one-episode-out cross-validation on the training and validation runs).", ""]
+
+def _held_out_section(inputs: ReportInputs, figures: Path, tables: Path) -> list[str]:
+    """Held-out encoding scores, the significance counts of the comparisons, the auditory-parcel
+    tests and the scatter plots; the tables behind them as CSV."""
+    held = inputs.held_out
+    lines = ["## Brain encoding on the held-out runs", "",
+             "Per parcel and run: Pearson r and r2 (`sklearn.metrics.r2_score`), then the mean "
+             "over runs. `ceiling_fraction_r` (`_r2`): median over parcels of held-out r (r2) / the noise "
+             "ceiling r (r2) of the same held-out runs, the score of an oracle that knows the noiseless "
+             "signal. `ridge-*` and `oracle`: lagged ridge encoding models (penalty per parcel by "
+             "leave-one-episode-out cross-validation on the training and validation runs).", ""]
     shown = [c for c in ("subject", "model", "n_runs", "mean_r", "mean_r_auditory", "mean_r2_auditory",
                          "mean_r_weak", "mean_r_noise", "best_r2", "best_target", "ceiling_fraction_r",
                          "ceiling_fraction_r2")
@@ -386,18 +389,29 @@ def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
         lines += [""]
     for name, frame in (("summary", held.summary), ("comparisons", held.comparisons)):
         atomic_write(tables / f"encoding_{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+    return lines
 
-    if inputs.atlas is not None and inputs.map_models:
-        lines += ["### Brain maps", "", "Held-out r per parcel (mean over runs), drawn on the MNI152 "
-                  "template through the atlas; the HTML files are interactive.", ""]
-        vmax = max(float(np.max(np.abs(held.scores[key].mean("r")))) for key in
-                   [(m, s) for s, m in inputs.map_models])
-        for subject, model in inputs.map_models:
-            stem = f"map_r_{model}_{subject}"
-            brain_map(held.scores[(model, subject)].mean("r"), inputs.atlas, figures / f"{stem}.png",
-                      figures / f"{stem}.html", title=f"{subject} {model}: held-out r", vmax=vmax)
-            lines += [f"![{stem}](figures/{stem}.png) ([interactive](figures/{stem}.html))", ""]
 
+def _brain_maps_section(inputs: ReportInputs, figures: Path) -> list[str]:
+    """Held-out r maps of the chosen (subject, model) pairs, on one colour scale."""
+    if inputs.atlas is None or not inputs.map_models:
+        return []
+    held = inputs.held_out
+    lines = ["### Brain maps", "", "Held-out r per parcel (mean over runs), drawn on the MNI152 "
+             "template through the atlas; the HTML files are interactive.", ""]
+    vmax = max(float(np.max(np.abs(held.scores[key].mean("r")))) for key in
+               [(m, s) for s, m in inputs.map_models])
+    for subject, model in inputs.map_models:
+        stem = f"map_r_{model}_{subject}"
+        brain_map(held.scores[(model, subject)].mean("r"), inputs.atlas, figures / f"{stem}.png",
+                  figures / f"{stem}.html", title=f"{subject} {model}: held-out r", vmax=vmax)
+        lines += [f"![{stem}](figures/{stem}.png) ([interactive](figures/{stem}.html))", ""]
+    return lines
+
+
+def _hear_section(inputs: ReportInputs, figures: Path, tables: Path) -> list[str]:
+    """The HEAR scores' table and chart, then the skipped tasks and failed checkpoints."""
+    lines: list[str] = []
     if inputs.hear_scores is not None and not inputs.hear_scores.empty:
         plot_scores(inputs.hear_scores, figures / "hear_scores.png")
         atomic_write(tables / "hear_scores.csv", lambda tmp: inputs.hear_scores.to_csv(tmp, index=False))
@@ -413,14 +427,16 @@ def write_report(report_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
             lines += [f"- checkpoint `{c['label']}`: {c['status']}: {c['error'].splitlines()[0] if c['error'] else ''}"]
         if failed or inputs.hear_status.get("task_problems"):
             lines += [""]
+    return lines
 
-    lines += _few_shot_section(inputs.few_shot_dir, figures)
 
+def _run_time_and_notes_section(inputs: ReportInputs) -> list[str]:
+    """Each stage's run time and the notes."""
+    lines: list[str] = []
     if inputs.timings:
         frame = pd.DataFrame([{"stage": k, "seconds": round(v, 1)} for k, v in inputs.timings.items()])
         lines += ["## Run time", "", _markdown_table(frame, floatfmt=".1f"),
                   "", f"Total: {sum(inputs.timings.values()) / 60:.1f} min.", ""]
     if inputs.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in inputs.notes] + [""]
-    readme = report_dir / "README.md"
-    return atomic_write(readme, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    return lines

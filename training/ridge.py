@@ -31,7 +31,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 import scipy.linalg
@@ -45,7 +45,6 @@ FORMAT = "hear-brainsoundnet-ridge-encoding-model"
 #: the useful range depend on the number of features and TRs; the wide grid covers conv7's
 #: 1024 x 6 columns on ~2,000 TRs as well as the oracle's 10 x 6.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 8, 21))
-DEFAULT_SPLITS = 5
 MIN_SCALE_FRACTION = 0.1  # feature scales are at least this fraction of the mean column's
 
 
@@ -255,8 +254,8 @@ def leave_group_out_scores(design: _Design, y: np.ndarray, folds: Sequence[tuple
     of the fold ``g`` left out are ``(I - H_gg)^-1 (y_g - (H y)_g)`` (block deletion identity);
     ``H = U diag(s2 / (s2 + a)) U^T`` comes from the one decomposition.
     """
-    with _limits(1):  # hundreds of small solves: BLAS threads only add synchronisation (measured
-        return _leave_group_out(design.u, design.s2, y, folds, alphas)  # 60x slower on 2 busy cores)
+    with _limits(1):  # hundreds of small solves: BLAS threads only add synchronisation
+        return _leave_group_out(design.u, design.s2, y, folds, alphas)
 
 
 def _leave_group_out(u: np.ndarray, s2: np.ndarray, y: np.ndarray, folds, alphas: np.ndarray) -> np.ndarray:
@@ -308,12 +307,14 @@ def _fit_himalaya(design: _Design, y: np.ndarray, folds, alphas: np.ndarray
     return coef, best, np.asarray(solver.cv_scores_, dtype=np.float64).ravel()
 
 
-SOLVERS = ("eigen", "himalaya")
+# How the penalties are searched (the same model either way; see fit_ridge_models).
+Solver = Literal["eigen", "himalaya"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
 def fit_ridge_models(features: Mapping[str, np.ndarray], targets: Mapping[str, Mapping[str, np.ndarray]], *,
                      lags: int, alphas: Sequence[float] = DEFAULT_ALPHAS, n_splits: int | None = None,
-                     groups: Mapping[str, str] | None = None, solver: str = "eigen",
+                     groups: Mapping[str, str] | None = None, solver: Solver = "eigen",
                      threads: int | None = None, configs: Mapping[str, Mapping[str, Any]] | None = None
                      ) -> dict[str, RidgeEncodingModel]:
     """Fit one lagged ridge model per subject: ``targets[subject] = {run: (n_TR, n_targets)}``.

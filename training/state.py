@@ -1,19 +1,33 @@
-"""Files of a run directory: the trained model, the resumable training state, the curves.
+"""Files of a run directory: the resumable training state, the lock, the curves.
 
 Everything is safetensors + JSON (no pickles) and written atomically (temporary file, fsync,
 rename), so a run killed at any instant, SIGKILL included, leaves either the previous file or
 the new one:
 
-- ``best.safetensors``: the model with the lowest validation loss so far (tensors ``model/...``;
-  metadata: the model's description, epoch, validation loss, target names, config).
-- ``last.safetensors``: everything needed to continue: model, AdamW moments, the torch RNG
-  state, and as JSON the epoch and step to continue from, the scheduler, early-stopping and
-  divergence bookkeeping, the partial sums of an interrupted epoch and the curve history.
+- ``best.safetensors``: the model with the lowest validation loss so far, a HEAR checkpoint
+  written by :meth:`training.model.EncodingModel.save_pretrained` (the backbone as
+  SoundNet-8 tensors, the subject heads as ``extra.head.*`` tensors, ``extra.brain_head`` and
+  ``provenance`` in the config: epoch, validation loss, training config and data). Load it
+  with ``EncodingModel.from_pretrained`` or, for embeddings, ``hear_brainsoundnet.load_model``.
+- ``last.safetensors``: the training state, everything needed to continue (format below).
 - ``curves.csv`` / ``curves.png``: training and validation loss per epoch (rewritten from the
   history in ``last.safetensors``, so a resumed run never duplicates rows).
 - ``run.lock``: held (``flock``) by the one training that writes the directory; it names the
   holder (pid, host, start time). The operating system releases it when that process ends in
   any way, SIGKILL included, so a killed run leaves no stale lock: the file stays, unlocked.
+
+The training state (``last.safetensors``), format version 2:
+
+- tensors ``model/<name>``: the :class:`~training.model.EncodingModel`'s ``state_dict()`` as
+  it is now (not the best epoch's); ``optim/<i>/<slot>``: AdamW's state of trained parameter
+  ``i`` (``step``, ``exp_avg``, ``exp_avg_sq``); ``rng/torch``: torch's CPU random state.
+- metadata: one key, ``hear-brainsoundnet-training-state``, a JSON object with
+  ``format_version`` (2), ``progress`` (the fields of :class:`TrainingProgress`),
+  ``scheduler`` (``ReduceLROnPlateau.state_dict()``) and ``param_groups`` (AdamW's, with the
+  parameters as indices).
+
+A state without ``format_version`` (written before a run's best model became a HEAR
+checkpoint) is refused with a message saying to train the run again.
 
 A run is *finished* when ``last.safetensors`` records a stop reason (``early_stopping`` or
 ``max_epochs``, :func:`run_completion`); a killed or diverged run is not.
@@ -22,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -44,8 +60,8 @@ from hear_brainsoundnet.files import atomic_write
 
 from .model import EncodingModel
 
-MODEL_FORMAT = "hear-brainsoundnet-encoding-model"
 STATE_FORMAT = "hear-brainsoundnet-training-state"
+STATE_FORMAT_VERSION = 2
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "best", "epoch_seconds",
                  "compute_fraction", "train_trs_per_second", "data_seconds", "compute_seconds",
                  "val_seconds")
@@ -120,31 +136,120 @@ def read_run_config(path: Path) -> dict[str, Any]:
     return value
 
 
-def _save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], fmt: str) -> Path:
+@dataclass
+class TrainingProgress:
+    """Where a run stands: saved in the training state, so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed: the next one to run
+    step: int = 0  # steps of epoch ``epoch`` already taken (a mid-epoch checkpoint)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (curves.csv)
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    first_loss: float | None = None  # the run's first step's loss: the divergence reference
+    train_sq: float = 0.0  # squared errors of epoch ``epoch`` so far (its training loss)
+    train_count: float = 0.0  # and how many values they sum over
+    seconds: float = 0.0  # training wall time over all sessions of the run
+    finished: str | None = None  # the stop reason once the run has ended
+
+    @property
+    def train_loss(self) -> float:
+        """Mean squared error over this epoch's steps so far."""
+        return self.train_sq / max(self.train_count, 1.0)
+
+
+def _load_state_dict(model: EncodingModel, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load a model state dict, refusing one of another architecture with an error naming ``path``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RunStateError(f"{path}: holds a different model (missing {missing[:4]}, unexpected "
+                            f"{unexpected[:4]}); it was written for another condition, subject list "
+                            "or architecture")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise RunStateError(f"{path}: {name} is {tuple(tensor.shape)}, this model needs "
+                                f"{tuple(expected[name].shape)} (another number of targets or kernel?)")
+    model.load_state_dict(state)
+
+
+def save_training_state(path: Path, model: EncodingModel, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+                        progress: TrainingProgress) -> Path:
+    """Write the training state (see the module docstring) to ``path``, atomically."""
+    optim = optimizer.state_dict()
+    tensors = {f"model/{name}": tensor for name, tensor in model.state_dict().items()}
+    for index, slots in optim["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optim/{index}/{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng/torch"] = torch.get_rng_state()
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in optim["param_groups"]]
+    header = {"format_version": STATE_FORMAT_VERSION, "progress": dataclasses.asdict(progress),
+              "scheduler": scheduler.state_dict(), "param_groups": groups}
     # One metadata key: safetensors would write several in a random order (bytes would vary).
-    header = {fmt: json.dumps(metadata, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    metadata = {STATE_FORMAT: json.dumps(header, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _load(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_training_state_header(path: Path) -> dict[str, Any]:
+    """The JSON header of the training state at ``path``, after checking its format and version
+    (errors name the file and say what to do)."""
     if not path.is_file():
         raise RunStateError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            if fmt not in header:
-                raise RunStateError(f"{path}: not a {fmt} file (metadata keys: {sorted(header)})")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            metadata = handle.metadata() or {}
     except SafetensorError as error:
-        raise RunStateError(f"{path}: corrupt or not a safetensors file ({error})") from None
+        raise RunStateError(f"{path}: corrupt or not a safetensors file ({error}); delete the run "
+                            "directory (or choose a new run.name) to start again") from None
+    if STATE_FORMAT not in metadata:
+        raise RunStateError(f"{path}: not a training state (metadata keys: {sorted(metadata)})")
     try:
-        metadata = json.loads(header[fmt])
+        header = json.loads(metadata[STATE_FORMAT])
     except (json.JSONDecodeError, RecursionError) as error:
-        raise RunStateError(f"{path}: corrupt {fmt} metadata ({error})") from None
-    if not isinstance(metadata, dict):
-        raise RunStateError(f"{path}: corrupt {fmt} metadata (not a JSON object)")
-    return tensors, metadata
+        raise RunStateError(f"{path}: corrupt training state metadata ({error})") from None
+    if not isinstance(header, dict):
+        raise RunStateError(f"{path}: corrupt training state metadata (not a JSON object)")
+    version = header.get("format_version")
+    if version != STATE_FORMAT_VERSION:
+        what = ("the retired format written before a run's best model became a HEAR checkpoint"
+                if version is None else f"format version {version!r}")
+        raise RunStateError(f"{path}: a training state in {what}; this version resumes only format "
+                            f"{STATE_FORMAT_VERSION}: train the run again (delete {path.parent} or "
+                            "choose a new run.name)")
+    return header
+
+
+def load_training_state(path: Path, model: EncodingModel, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> TrainingProgress:
+    """Restore what :func:`save_training_state` wrote (model, optimiser, scheduler, torch's
+    random state) and return the run's progress."""
+    header = read_training_state_header(path)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    _load_state_dict(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, path)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optim/"):
+            _, index, slot = name.split("/")
+            state.setdefault(int(index), {})[slot] = tensor
+    groups = header["param_groups"]
+    expected = sum(len(group["params"]) for group in optimizer.state_dict()["param_groups"])
+    if sum(len(group["params"]) for group in groups) != expected:
+        raise RunStateError(f"{path}: optimizer state for another set of trained parameters")
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(header["scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    try:
+        return TrainingProgress(**header["progress"])
+    except TypeError as error:
+        raise RunStateError(f"{path}: corrupt progress in the training state ({error})") from None
 
 
 def run_completion(run_dir: Path) -> dict[str, Any]:
@@ -161,106 +266,11 @@ def run_completion(run_dir: Path) -> dict[str, Any]:
         return {"finished": None, "epochs": None, "known": False}
 
 
-def _with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {f"{prefix}{name}": tensor for name, tensor in tensors.items()}
-
-
-def _strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-
-
-def load_model_state(model: EncodingModel, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Load a model state dict, refusing one of another architecture with an error naming ``path``."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise RunStateError(f"{path}: holds a different model (missing {missing[:4]}, unexpected "
-                            f"{unexpected[:4]}); it was written for another condition, subject list "
-                            "or architecture")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise RunStateError(f"{path}: {name} is {tuple(tensor.shape)}, this model needs "
-                                f"{tuple(expected[name].shape)} (another number of targets or kernel?)")
-    model.load_state_dict(state)
-
-
-# -- the model --------------------------------------------------------------------------------
-
-def save_model(path: Path, model: EncodingModel, **metadata: Any) -> Path:
-    """Write ``model`` with its description and ``metadata`` (epoch, val_loss, targets, config)."""
-    return _save(path, _with_prefix(model.state_dict(), "model/"),
-                 {"model": model.describe(), **metadata}, MODEL_FORMAT)
-
-
-def is_model_file(path: str | Path) -> bool:
-    """True if ``path`` is a file written by :func:`save_model` (a run's best model)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return MODEL_FORMAT in (handle.metadata() or {})
-    except (OSError, SafetensorError):
-        return False
-
-
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The raw ``(state dict, metadata)`` of a model file written by :func:`save_model`."""
-    tensors, metadata = _load(Path(path), MODEL_FORMAT)
-    return _strip_prefix(tensors, "model/"), metadata
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EncodingModel, dict[str, Any]]:
-    """Rebuild the :class:`EncodingModel` saved at ``path`` (eval mode) and its metadata."""
-    path = Path(path)
-    state, metadata = read_model_file(path)
-    description = metadata["model"]
-    model = EncodingModel(description["subjects"], kernel_trs=description["kernel_trs"],
-                          condition=description["condition"], batchnorm=description["batchnorm"])
-    load_model_state(model, state, path)
-    return model.to(device).eval(), metadata
-
-
-# -- the resumable state ----------------------------------------------------------------------
-
-def save_training_state(path: Path, model: EncodingModel, optimizer: torch.optim.Optimizer,
-                        progress: Mapping[str, Any]) -> Path:
-    """Write model, optimizer moments, RNG state and the JSON ``progress`` to ``path``."""
-    optim = optimizer.state_dict()
-    tensors = _with_prefix(model.state_dict(), "model/")
-    for index, slots in optim["state"].items():
-        for slot, value in slots.items():
-            tensors[f"optim/{index}/{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng/torch"] = torch.get_rng_state()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
-              for group in optim["param_groups"]]
-    return _save(path, tensors, {"progress": dict(progress), "param_groups": groups}, STATE_FORMAT)
-
-
-def load_training_state(path: Path, model: EncodingModel,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_training_state` wrote; return the ``progress`` dict."""
-    tensors, metadata = _load(path, STATE_FORMAT)
-    load_model_state(model, _strip_prefix(tensors, "model/"), path)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in _strip_prefix(tensors, "optim/").items():
-        index, slot = name.split("/")
-        state.setdefault(int(index), {})[slot] = tensor
-    groups = metadata["param_groups"]
-    expected = sum(len(group["params"]) for group in optimizer.state_dict()["param_groups"])
-    if sum(len(group["params"]) for group in groups) != expected:
-        raise RunStateError(f"{path}: optimizer state for another set of trained parameters")
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng/torch"])
-    return metadata["progress"]
-
-
 # -- curves -----------------------------------------------------------------------------------
 
 def write_curves(run_dir: Path, history: list[Mapping[str, Any]], plot: bool = True) -> tuple[Path, Path]:
-    """``curves.csv`` and (if ``plot``: drawing costs ~0.3 s, so runs draw it once at the end)
-    ``curves.png``: training and validation loss per epoch, from ``history``."""
+    """``curves.csv`` and (if ``plot``: drawing is slow next to an epoch of a small run, so runs
+    draw it once, at the end) ``curves.png``: training and validation loss per epoch."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -8,7 +8,8 @@
   ``ffmpeg`` command when available).  Each soundtrack is a sequence of segments of a few
   seconds: speech-like sounds (glottal pulse train with changing pitch through three
   formant resonators, in syllables), music-like notes (harmonic tones, ADSR envelopes,
-  occasional dyads), band-limited noise bursts, and silence, over a faint room noise.
+  occasional dyads), band-limited noise bursts, and silence, over a faint room noise
+  (:mod:`training.synthetic_audio`).
 - **fMRIPrep-like derivatives** (``fmriprep/sub-XX/ses-YYY/func/``): for every run a 4-D
   ``..._space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz`` (float32) with its JSON
   sidecar, ``desc-brain_mask.nii.gz`` and ``desc-confounds_timeseries.tsv`` (+ ``.json``)
@@ -68,15 +69,13 @@ seasons 1-2, per-run r on season 3 as a fraction of the noise ceiling, auditory 
 pretrained conv7 with a 5-TR causal linear readout reaches 0.70 (0.53 to 0.86 across
 parcels, lowest for music and the middle pitch channel); the true features (before the HRF)
 with an 8-TR causal linear readout, i.e. a perfect feature extractor under the study's head,
-0.92; a log-mel readout 0.82; noise parcels stay at 0.  On the current default the main job
-measures (median over parcels, 3 subjects): head-only 0.78, conv4 0.83, random-init null 0.68.
+0.92; a log-mel readout 0.82; noise parcels stay at 0.
 
 Sizes (:data:`SIZES`): ``"tiny"`` for tests (2 subjects, 3 seasons x 1 episode x 2
-halves = 6 runs of about 60 s, 10 parcels, 10x12x10 voxels of 12 mm; about 4 s to
-generate here), ``"default"`` (3 subjects, 3 seasons x 10 episodes x 2 halves = 60 runs of
-about 90 s (58-67 volumes), 24 parcels: 14 auditory, 4 weak, 6 noise, 16x20x16 voxels of
-8 mm; 30-40 s and 370 MB here, on 2 cores), ``"large"`` (4 subjects, 4 seasons x 12
-episodes, 90 s runs), and ``"subject"``: the shape of one real CNeuroMod subject (seasons 1-4
+halves = 6 runs of about 60 s, 10 parcels, 10x12x10 voxels of 12 mm), ``"default"`` (3
+subjects, 3 seasons x 10 episodes x 2 halves = 60 runs of about 90 s (58-67 volumes), 24
+parcels: 14 auditory, 4 weak, 6 noise, 16x20x16 voxels of 8 mm; about 370 MB), ``"large"``
+(4 subjects, 4 seasons x 12 episodes, 90 s runs), and ``"subject"``: the shape of one real CNeuroMod subject (seasons 1-4
 of 23 episodes, 184 runs of about 11.75 min, about 87,000 TRs, 36 h of soundtrack, 1000
 parcels), written in the Algonauts HDF5 layout only (``write_fmriprep=False``: no NIfTI, no
 atlas image; parcels are named ``auditory-0001`` ...) with FLAC stimuli. That layout is
@@ -107,45 +106,25 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import butter, lfilter, sosfilt
+from scipy.signal import lfilter
+
+from .synthetic_audio import (
+    FEATURE_DEFINITIONS,
+    FEATURES,
+    FRAME_RATE,
+    features_at_trs,
+    seeded_rng,
+    synthesise_episode,
+)
 
 __all__ = ["FEATURES", "SIZES", "SyntheticConfig", "SyntheticDataset", "generate_friends_like", "main"]
 
-#: Ground-truth auditory features, in column order of the tuning matrices.
-FEATURES = (
-    "loudness",
-    "speech",
-    "music",
-    "noise",
-    "pitch_low",
-    "pitch_mid",
-    "pitch_high",
-    "front_vowel",
-    "onset",
-    "noise_high",
-)
-FEATURE_DEFINITIONS = {
-    "loudness": "clip((20*log10(RMS over 10 ms) + 50) / 40, 0, 1) of the final waveform",
-    "speech": "syllable envelope of speech-like segments (raised-cosine attack 30 ms, release 50 ms)",
-    "music": "sum of the notes' ADSR envelopes, clipped to 1",
-    "noise": "envelope of band-limited noise bursts (5 ms attack, exponential decay)",
-    "pitch_low": (
-        "speech envelope * G(f0_speech) + music envelope * G(f0_note), G Gaussian in log2(f / 120 Hz), sd 0.6 octave"
-    ),
-    "pitch_mid": "as pitch_low, centred on 250 Hz",
-    "pitch_high": "as pitch_low, centred on 600 Hz",
-    "front_vowel": "speech envelope during /i/ and /e/ syllables (second formant > 1.8 kHz)",
-    "onset": "clip(max(0, loudness(t) - loudness(t - 30 ms)) / 0.3, 0, 1)",
-    "noise_high": "noise envelope of bursts centred above 2.5 kHz",
-}
-PITCH_CENTRES = {"pitch_low": 120.0, "pitch_mid": 250.0, "pitch_high": 600.0}
 # Preferred feature of auditory parcels, in order (cycled when there are more parcels).
 _PREFERENCES = (
     "speech",
@@ -160,7 +139,6 @@ _PREFERENCES = (
     "onset",
 )
 
-FRAME_RATE = 100  # feature frames per second (10 ms)
 SPACE = "MNI152NLin2009cAsym"
 ATLAS_NAME = "SynthAud"
 _VOXEL_GAIN = 8.0  # parcel signal amplitude in voxel units (baseline ~1000: ~0.8 %)
@@ -168,16 +146,6 @@ _VOXEL_NOISE = 8.0
 _CONFOUND_SD = 6.0
 _NOISE_PHI = 0.3
 _EXTRA_TRS = 2
-_VOWELS = {  # formants F1, F2, F3 (Hz) of an adult male voice
-    "a": (730.0, 1090.0, 2440.0),
-    "e": (530.0, 1840.0, 2480.0),
-    "i": (270.0, 2290.0, 3010.0),
-    "o": (570.0, 840.0, 2410.0),
-    "u": (300.0, 870.0, 2240.0),
-}
-_FRONT_VOWELS = ("e", "i")
-_SPEAKER_F0 = (105.0, 125.0, 150.0, 195.0, 220.0, 250.0)
-_PENTATONIC = (0, 2, 4, 7, 9)
 
 
 @dataclass(frozen=True)
@@ -251,239 +219,6 @@ SIZES: dict[str, SyntheticConfig] = {
 }
 
 
-# --------------------------------------------------------------------------- randomness
-
-
-def _rng(seed: int, *names: object) -> np.random.Generator:
-    """Independent generator per component: reproducible whatever the generation order."""
-    keys = [int(seed)] + [zlib.crc32(str(name).encode()) for name in names]
-    return np.random.default_rng(keys)
-
-
-# --------------------------------------------------------------------------- audio
-
-
-@dataclass
-class _Track:
-    """A soundtrack being synthesised, with its per-frame feature inputs."""
-
-    n_samples: int
-    rate: int
-    audio: np.ndarray = field(init=False)
-    frames: dict[str, np.ndarray] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.audio = np.zeros(self.n_samples)
-        n_frames = int(math.ceil(self.n_samples * FRAME_RATE / self.rate))
-        names = ("speech", "f0_speech", "front", "music", "f0_music", "noise", "noise_high")
-        self.frames = {name: np.zeros(n_frames) for name in names}
-
-    def frame_values(self, start: int, values: np.ndarray) -> tuple[int, np.ndarray]:
-        """First frame index and means of a per-sample array (starting at sample ``start``) per 10 ms frame."""
-        per = self.rate // FRAME_RATE
-        first = start // per
-        offset = start - first * per
-        padded = np.concatenate([np.zeros(offset), values])
-        padded = np.concatenate([padded, np.zeros((-padded.size) % per)])
-        means = padded.reshape(-1, per).mean(axis=1)
-        end = min(first + means.size, self.frames["speech"].size)
-        return first, means[: end - first]
-
-
-def _raised_cosine_envelope(n: int, attack: int, release: int) -> np.ndarray:
-    env = np.ones(n)
-    attack, release = min(attack, n // 2), min(release, n // 2)
-    if attack:
-        env[:attack] = 0.5 - 0.5 * np.cos(np.pi * np.arange(attack) / attack)
-    if release:
-        env[n - release :] = 0.5 + 0.5 * np.cos(np.pi * np.arange(1, release + 1) / release)
-    return env
-
-
-def _resonator(signal: np.ndarray, freq: float, bandwidth: float, rate: int) -> np.ndarray:
-    """Two-pole resonator with unit gain at 0 Hz (Klatt's formant filter)."""
-    r = math.exp(-math.pi * bandwidth / rate)
-    c = -2 * r * math.cos(2 * math.pi * freq / rate)
-    a = [1.0, c, r * r]
-    return lfilter([1.0 + c + r * r], a, signal)
-
-
-def _render_speech(track: _Track, start: int, n: int, rng: np.random.Generator) -> None:
-    rate = track.rate
-    base = float(rng.choice(_SPEAKER_F0))
-    scale = 1.0 if base < 170 else 1.17  # shorter vocal tract: higher formants
-    segment = np.zeros(n)
-    cursor = int(rng.uniform(0.0, 0.1) * rate)
-    while cursor < n - int(0.1 * rate):
-        length = min(int(rng.uniform(0.14, 0.32) * rate), n - cursor)
-        vowel = str(rng.choice(list(_VOWELS)))
-        t = np.arange(length) / rate
-        position = (cursor + t * rate) / n  # 0..1 across the segment: declination
-        vibrato_hz, vibrato_phase = rng.uniform(0.5, 2.0), rng.uniform(0, 2 * np.pi)
-        f0 = base * (1.1 - 0.2 * position) * (1 + 0.12 * np.sin(2 * np.pi * vibrato_hz * t + vibrato_phase))
-        f0 *= 1 + 0.06 * rng.standard_normal()
-        phase = np.cumsum(f0 / rate)
-        source = np.diff(np.floor(phase), prepend=0.0)  # one impulse per glottal period
-        source = lfilter([1.0], [1.0, -0.9], source)  # glottal spectral tilt
-        source += 0.02 * rng.standard_normal(length)  # aspiration
-        voiced = source
-        for formant, bandwidth in zip(_VOWELS[vowel], (60.0, 90.0, 120.0), strict=True):
-            voiced = _resonator(voiced, formant * scale, bandwidth * scale, rate)
-        env = _raised_cosine_envelope(length, int(0.03 * rate), int(0.05 * rate))
-        segment[cursor : cursor + length] = voiced * env
-        first, env_frames = track.frame_values(start + cursor, env)
-        span = slice(first, first + env_frames.size)
-        track.frames["speech"][span] = np.maximum(track.frames["speech"][span], env_frames)
-        _, f0_frames = track.frame_values(start + cursor, f0)
-        track.frames["f0_speech"][span] = np.where(env_frames > 0, f0_frames, track.frames["f0_speech"][span])
-        if vowel in _FRONT_VOWELS:
-            track.frames["front"][span] = np.maximum(track.frames["front"][span], env_frames)
-        cursor += length + int(rng.uniform(0.03, 0.12) * rate)
-    rms = np.sqrt(np.mean(segment**2)) or 1.0
-    track.audio[start : start + n] += segment * (rng.uniform(0.05, 0.1) / rms)
-
-
-def _render_music(track: _Track, start: int, n: int, rng: np.random.Generator) -> None:
-    rate = track.rate
-    tilt = rng.uniform(0.7, 2.0)  # timbre: harmonic amplitude ~ 1 / h**tilt
-    segment = np.zeros(n)
-    env_total = np.zeros(n)
-    f0_track = np.zeros(n)
-    best_env = np.zeros(n)
-    cursor = 0
-    while cursor < n - int(0.1 * rate):
-        length = min(int(rng.uniform(0.18, 0.6) * rate), n - cursor)
-        midi = 55 + 12 * int(rng.integers(0, 3)) + int(rng.choice(_PENTATONIC))
-        pitches = [440.0 * 2 ** ((midi - 69) / 12)]
-        if rng.random() < 0.25:
-            pitches.append(pitches[0] * (1.5 if rng.random() < 0.5 else 1.25))
-        t = np.arange(length) / rate
-        attack = rng.uniform(0.005, 0.03)
-        env = np.where(t < attack, t / attack, 0.6 + 0.4 * np.exp(-(t - attack) / 0.08))
-        env *= _raised_cosine_envelope(length, 0, int(min(0.12, length / rate / 3) * rate))
-        for k, pitch in enumerate(pitches):
-            amp = 1.0 if k == 0 else 0.7
-            harmonics = np.arange(1, 7)
-            harmonics = harmonics[harmonics * pitch < 0.45 * rate]
-            tone = sum(np.sin(2 * np.pi * h * pitch * t) / h**tilt for h in harmonics)
-            segment[cursor : cursor + length] += amp * env * tone
-        region = slice(cursor, cursor + length)
-        louder = env > best_env[region]
-        f0_track[region] = np.where(louder, pitches[0], f0_track[region])
-        best_env[region] = np.maximum(best_env[region], env)
-        env_total[region] += env
-        cursor += int(length * rng.uniform(0.8, 1.0))
-    rms = np.sqrt(np.mean(segment**2)) or 1.0
-    track.audio[start : start + n] += segment * (rng.uniform(0.05, 0.1) / rms)
-    first, env_frames = track.frame_values(start, np.minimum(env_total, 1.0))
-    span = slice(first, first + env_frames.size)
-    track.frames["music"][span] = np.maximum(track.frames["music"][span], env_frames)
-    # Pitch of the frame: the loudest note's, read at the frame's middle sample.
-    per = rate // FRAME_RATE
-    mids = np.clip((np.arange(span.start, span.stop) * per + per // 2) - start, 0, n - 1)
-    track.frames["f0_music"][span] = f0_track[mids]
-
-
-def _render_noise(track: _Track, start: int, n: int, rng: np.random.Generator) -> None:
-    rate = track.rate
-    segment = np.zeros(n)
-    cursor = int(rng.uniform(0.0, 0.2) * rate)
-    while cursor < n - int(0.05 * rate):
-        length = min(int(rng.uniform(0.08, 0.7) * rate), n - cursor)
-        centre = math.exp(rng.uniform(math.log(300.0), math.log(6000.0)))
-        width = rng.uniform(0.3, 1.0)  # octaves
-        low, high = centre * 2 ** (-width / 2), min(centre * 2 ** (width / 2), 0.48 * rate)
-        sos = butter(2, [low, high], btype="band", fs=rate, output="sos")
-        t = np.arange(length) / rate
-        env = np.minimum(t / 0.005, 1.0) * np.exp(-t / (length / rate / 3))
-        burst = sosfilt(sos, rng.standard_normal(length))
-        burst /= np.sqrt(np.mean(burst**2)) or 1.0
-        segment[cursor : cursor + length] += burst * env
-        first, env_frames = track.frame_values(start + cursor, env)
-        span = slice(first, first + env_frames.size)
-        track.frames["noise"][span] = np.maximum(track.frames["noise"][span], env_frames)
-        if centre > 2500:
-            track.frames["noise_high"][span] = np.maximum(track.frames["noise_high"][span], env_frames)
-        cursor += length + int(rng.uniform(0.05, 0.5) * rate)
-    rms = np.sqrt(np.mean(segment**2)) or 1.0
-    track.audio[start : start + n] += segment * (rng.uniform(0.04, 0.1) / rms)
-
-
-def _synthesise_episode(seed: int, episode: str, duration: float, rate: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Waveform (float32), feature frames ``(n_frames, K)`` and the segment list."""
-    rng = _rng(seed, "audio", episode)
-    track = _Track(int(round(duration * rate)), rate)
-    segments = []
-    t = rng.uniform(0.3, 1.0)
-    classes = ("speech", "music", "noise", "silence")
-    while t < duration - 0.5:
-        kind = str(rng.choice(classes, p=(0.4, 0.25, 0.2, 0.15)))
-        length = {"speech": (2.0, 5.0), "music": (2.0, 5.0), "noise": (1.5, 4.0), "silence": (1.0, 2.5)}[kind]
-        length = min(rng.uniform(*length), duration - t)
-        start, n = int(t * rate), int(length * rate)
-        if kind == "speech":
-            _render_speech(track, start, n, rng)
-        elif kind == "music":
-            _render_music(track, start, n, rng)
-        elif kind == "noise":
-            _render_noise(track, start, n, rng)
-        segments.append((kind, round(t, 4), round(t + length, 4)))
-        t += length
-    room = lfilter([1.0], [1.0, -0.95], rng.standard_normal(track.n_samples))
-    track.audio += room * (0.002 / (np.sqrt(np.mean(room**2)) or 1.0))
-    peak = np.max(np.abs(track.audio))
-    if peak > 0.99:
-        track.audio *= 0.99 / peak
-    return track.audio.astype(np.float32), _features(track), segments
-
-
-def _pitch_tuning(f0: np.ndarray, centre: float) -> np.ndarray:
-    """Gaussian tuning in log frequency (sd 0.6 octave); 0 where there is no pitch (f0 = 0)."""
-    octaves = np.log2(np.maximum(f0, 1e-3) / centre)
-    return np.where(f0 > 0, np.exp(-0.5 * (octaves / 0.6) ** 2), 0.0)
-
-
-def _features(track: _Track) -> np.ndarray:
-    """The ground-truth features (see :data:`FEATURE_DEFINITIONS`) at 100 Hz."""
-    per = track.rate // FRAME_RATE
-    n_frames = track.frames["speech"].size
-    audio = np.concatenate([track.audio, np.zeros(n_frames * per - track.audio.size)])
-    rms = np.sqrt(np.mean(audio.reshape(n_frames, per) ** 2, axis=1))
-    loudness = np.clip((20 * np.log10(np.maximum(rms, 1e-10)) + 50) / 40, 0, 1)
-    frames = track.frames
-    out = np.zeros((n_frames, len(FEATURES)))
-    out[:, FEATURES.index("loudness")] = loudness
-    out[:, FEATURES.index("speech")] = frames["speech"]
-    out[:, FEATURES.index("music")] = frames["music"]
-    out[:, FEATURES.index("noise")] = frames["noise"]
-    for name, centre in PITCH_CENTRES.items():
-        speech = frames["speech"] * _pitch_tuning(frames["f0_speech"], centre)
-        music = frames["music"] * _pitch_tuning(frames["f0_music"], centre)
-        out[:, FEATURES.index(name)] = np.clip(speech + music, 0, 1)
-    out[:, FEATURES.index("front_vowel")] = frames["front"]
-    previous = np.concatenate([np.full(3, loudness[0]), loudness[:-3]])
-    out[:, FEATURES.index("onset")] = np.clip(np.maximum(0, loudness - previous) / 0.3, 0, 1)
-    out[:, FEATURES.index("noise_high")] = frames["noise_high"]
-    return out
-
-
-def _features_at_trs(frames: np.ndarray, n_trs: int, tr: float) -> np.ndarray:
-    """HRF-convolved features sampled at the middle of each volume: ``(n_TR, K)``."""
-    from nilearn.glm.first_level import glover_hrf
-
-    hrf = glover_hrf(tr, oversampling=int(round(tr * FRAME_RATE)), time_length=32.0)
-    n_needed = int(math.ceil((n_trs + 1) * tr * FRAME_RATE))
-    padded = np.zeros((max(n_needed, frames.shape[0]), frames.shape[1]))
-    padded[: frames.shape[0]] = frames
-    times = (np.arange(padded.shape[0]) + 0.5) / FRAME_RATE
-    sample_times = (np.arange(n_trs) + 0.5) * tr
-    out = np.empty((n_trs, frames.shape[1]))
-    for k in range(frames.shape[1]):
-        drive = np.convolve(padded[:, k], hrf)[: padded.shape[0]]
-        out[:, k] = np.interp(sample_times, times, drive)
-    return out
-
-
 # --------------------------------------------------------------------------- brain
 
 
@@ -504,7 +239,7 @@ def _volume_geometry(config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray, n
 def _make_atlas(config: SyntheticConfig, seed: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Label image (Voronoi cells of parcel centres inside the brain) and parcel table."""
     affine, brain, xyz = _volume_geometry(config)
-    rng = _rng(seed, "atlas")
+    rng = seeded_rng(seed, "atlas")
     centre_mm = np.array([0.0, -18.0, 18.0])
     radii = config.voxel_size * (np.array(config.volume_shape) - 1) / 2 * 0.9
     brain_xyz = xyz[brain.ravel()]
@@ -550,7 +285,7 @@ def _tuning(config: SyntheticConfig, seed: int, table: list[dict], subject: str)
     """Unnormalised tuning weights ``(n_parcels, K)`` of one subject."""
     k = len(FEATURES)
     base = np.zeros((config.n_parcels, k))
-    rng = _rng(seed, "tuning")
+    rng = seeded_rng(seed, "tuning")
     auditory = [i for i, row in enumerate(table) if row["kind"] == "auditory"]
     for j, parcel in enumerate(auditory):
         preferred = FEATURES.index(_PREFERENCES[j % len(_PREFERENCES)])
@@ -567,7 +302,7 @@ def _tuning(config: SyntheticConfig, seed: int, table: list[dict], subject: str)
             row["preferred_feature"] = "speech"
         elif row["kind"] == "noise":
             row["preferred_feature"] = None
-    srng = _rng(seed, "tuning", subject)
+    srng = seeded_rng(seed, "tuning", subject)
     weights = base * np.exp(0.2 * srng.standard_normal(base.shape))
     for parcel in auditory:  # one individual extra weight per parcel
         weights[parcel, srng.integers(0, k)] += srng.uniform(0.0, 0.15)
@@ -612,7 +347,7 @@ _MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 def _confounds(seed: int, subject: str, episode: str, features_tr: np.ndarray, tr: float) -> dict[str, np.ndarray]:
     """The confound columns of one run (orthogonalised; see the module docstring)."""
-    rng = _rng(seed, "confounds", subject, episode)
+    rng = seeded_rng(seed, "confounds", subject, episode)
     n = features_tr.shape[0]
     basis = np.column_stack([np.ones(n), features_tr])
     columns: dict[str, np.ndarray] = {}
@@ -731,6 +466,16 @@ def _write_video(wav: Path, out: Path, duration: float) -> None:
         "-map_metadata", "-1", str(out),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
+
+
+_AUDIO_FORMATS = {"wav": "PCM_16", "flac": "PCM_16"}  # audio_format -> libsndfile subtype
+
+
+def _write_pcm(path: Path, audio: np.ndarray, rate: int, audio_format: str) -> None:
+    """16-bit ``audio`` at ``rate`` as ``audio_format`` ("wav" or "flac")."""
+    import soundfile as sf
+
+    sf.write(path, audio, rate, subtype=_AUDIO_FORMATS[audio_format], format=audio_format.upper())
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -882,12 +627,7 @@ class SyntheticDataset:
         )
 
 
-def _episode_duration(seed: int, episode: str, config: SyntheticConfig) -> float:
-    """Soundtrack length: about ``run_seconds``, never close to a whole number of TRs."""
-    rng = _rng(seed, "duration", episode)
-    whole = int(round(config.run_seconds * rng.uniform(0.93, 1.07) / config.tr))
-    samples = int(round((whole + rng.uniform(0.25, 0.75)) * config.tr * config.audio_rate))
-    return samples / config.audio_rate
+# --------------------------------------------------------------------------- the recipe
 
 
 def generate_friends_like(
@@ -907,7 +647,7 @@ def generate_friends_like(
         Destination folder; created if needed.  Must be empty unless ``overwrite``.
     seed : :obj:`int`, default=0
         Everything random derives from it: same seed, same bytes.
-    size : {"tiny", "default", "large"}, default="default"
+    size : {"tiny", "default", "large", "subject"}, default="default"
         A preset of :data:`SIZES`.
     overwrite : :obj:`bool`, default=False
         Replace the dataset folders and files in ``out_dir`` (nothing else is removed).
@@ -926,17 +666,66 @@ def generate_friends_like(
     ------
     FileExistsError
         ``out_dir`` is not empty and ``overwrite`` is False.
+    ValueError
+        An unknown size or audio format, or runs too short for the confound regressors.
+    RuntimeError
+        ``video=True`` without the ``ffmpeg`` command.
     """
-    import h5py
-    import soundfile as sf
+    plan = _plan_dataset(size, seed, overrides)
+    video = _use_video(video, plan.config)
+    root = _prepare_out_dir(Path(out_dir), overwrite)
+    if not plan.config.write_fmriprep:
+        return _generate_streaming(root, plan)
+    stimuli = _write_stimuli(root, plan, video=video)
+    brain = _write_atlas(root, plan.config, seed)
+    subjects_truth = {subject: _write_subject(root, plan, brain, stimuli.features_tr, subject)
+                      for subject in plan.config.subjects()}
+    _write_features(root, plan, stimuli.features_tr)
+    _write_ground_truth(root, plan, brain, stimuli.segments, subjects_truth)
+    _write_json(root / "fmriprep" / "dataset_description.json", _FMRIPREP_DESCRIPTION)
+    return _write_description(root, plan, brain.table, stimuli.video_written, _FULL_DESCRIPTION)
 
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What to generate: the checked configuration, and each episode's length in s and in volumes."""
+
+    config: SyntheticConfig
+    seed: int
+    size: str
+    durations: dict[str, float]
+    n_trs: dict[str, int]
+
+    def missing(self, subject: str) -> list[str]:
+        """The subject's episodes without brain data."""
+        return [episode for (who, episode) in self.config.missing_runs if who == subject]
+
+    def runs(self, subject: str) -> list[str]:
+        """The subject's episodes with brain data, in viewing order."""
+        missing = self.missing(subject)
+        return [episode for episode in self.config.episodes() if episode not in missing]
+
+    def sessions(self, subject: str) -> dict[str, str]:
+        """Session label of each of the subject's runs; sessions number every episode of the
+        design, missing runs included."""
+        runs = self.runs(subject)
+        return {episode: f"{i // self.config.runs_per_session + 1:03d}"
+                for i, episode in enumerate(self.config.episodes()) if episode in runs}
+
+
+def _plan_dataset(size: str, seed: int, overrides: dict[str, Any]) -> _Plan:
+    """The configuration of ``size`` with ``overrides``, checked, and the episodes' lengths."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     config = replace(SIZES[size], **overrides)
     for field_name in ("n_subjects", "n_seasons", "episodes_per_season"):
         if getattr(config, field_name) < 1:
-            raise ValueError(f"{field_name} must be >= 1")
-    subjects = config.subjects()
+            raise ValueError(f"{field_name} must be >= 1, got {getattr(config, field_name)}")
+    if config.audio_format not in _AUDIO_FORMATS:
+        raise ValueError(f"audio_format must be one of {sorted(_AUDIO_FORMATS)}, got {config.audio_format!r}")
     episodes = config.episodes()
     tr = config.tr
     durations = {episode: _episode_duration(seed, episode, config) for episode in episodes}
@@ -950,60 +739,113 @@ def generate_friends_like(
             f"strategy (26 regressors) and {len(FEATURES)} feature regressors need >= {needed}: use "
             f"run_seconds >= {math.ceil((needed - _EXTRA_TRS + 1) * tr / 0.93)}"
         )
+    return _Plan(config, seed, size, durations, n_trs)
 
-    root = Path(out_dir)
-    ours = (
-        "stimuli",
-        "fmriprep",
-        "algonauts",
-        "atlas",
-        "ground_truth.json",
-        "ground_truth_features.npz",
-        "dataset_description.json",
-    )
+
+def _episode_duration(seed: int, episode: str, config: SyntheticConfig) -> float:
+    """Soundtrack length: about ``run_seconds``, never close to a whole number of TRs."""
+    rng = seeded_rng(seed, "duration", episode)
+    whole = int(round(config.run_seconds * rng.uniform(0.93, 1.07) / config.tr))
+    samples = int(round((whole + rng.uniform(0.25, 0.75)) * config.tr * config.audio_rate))
+    return samples / config.audio_rate
+
+
+def _use_video(video: bool | None, config: SyntheticConfig) -> bool:
+    """Whether to write the video episodes as mkv: as asked, or when ``ffmpeg`` is available."""
+    ffmpeg = shutil.which("ffmpeg")
+    if video is None:
+        if ffmpeg is None and config.video_episodes:
+            # stacklevel 3: the warning points at the caller of generate_friends_like
+            warnings.warn("ffmpeg not found: video episodes are written as wav", stacklevel=3)
+        return ffmpeg is not None
+    if video and ffmpeg is None:
+        raise RuntimeError("video=True needs the ffmpeg command")
+    return video
+
+
+# What generate_friends_like writes in its folder (and may replace there).
+_DATASET_ENTRIES = ("stimuli", "fmriprep", "algonauts", "atlas", "ground_truth.json", "ground_truth_features.npz",
+                    "dataset_description.json")
+
+
+def _prepare_out_dir(root: Path, overwrite: bool) -> Path:
+    """Create ``root``; if it is not empty, remove the dataset's own entries (only with ``overwrite``)."""
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{root} is not empty; pass overwrite=True to replace the dataset in it")
-        for name in ours:
+        for name in _DATASET_ENTRIES:
             target = root / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    ffmpeg = shutil.which("ffmpeg")
-    if video is None:
-        video = ffmpeg is not None
-        if not video and config.video_episodes:
-            warnings.warn("ffmpeg not found: video episodes are written as wav", stacklevel=2)
-    elif video and ffmpeg is None:
-        raise RuntimeError("video=True needs the ffmpeg command")
-    if config.audio_format not in _AUDIO_FORMATS:
-        raise ValueError(f"audio_format must be one of {sorted(_AUDIO_FORMATS)}, got {config.audio_format!r}")
-    if not config.write_fmriprep:
-        return _generate_streaming(root, config, seed=seed, size=size, durations=durations, n_trs=n_trs)
+    return root
 
-    # --- stimuli and features (shared by all subjects)
-    features_tr: dict[str, np.ndarray] = {}
-    segments_by_episode: dict[str, list] = {}
-    video_written = []
+
+# --------------------------------------------------------------------------- stimuli
+
+
+@dataclass
+class _Stimuli:
+    """What the soundtracks leave in memory: per-TR features and segment lists (both small)."""
+
+    features_tr: dict[str, np.ndarray] = field(default_factory=dict)
+    segments: dict[str, list] = field(default_factory=dict)
+    video_written: list[str] = field(default_factory=list)
+
+
+def _write_stimuli(root: Path, plan: _Plan, *, video: bool) -> _Stimuli:
+    """Synthesise and write each soundtrack in turn (one in memory at a time)."""
+    config = plan.config
     stimuli_dir = root / "stimuli"
     stimuli_dir.mkdir(parents=True, exist_ok=True)
-    for episode in episodes:
-        duration = durations[episode]
-        audio, frames, segments = _synthesise_episode(seed, episode, duration, config.audio_rate)
-        segments_by_episode[episode] = segments
-        features_tr[episode] = _features_at_trs(frames, n_trs[episode], tr)
+    out = _Stimuli()
+    for episode in config.episodes():
+        duration = plan.durations[episode]
+        audio, frames, out.segments[episode] = synthesise_episode(plan.seed, episode, duration, config.audio_rate)
+        out.features_tr[episode] = features_at_trs(frames, plan.n_trs[episode], config.tr)
         if video and episode in config.video_episodes:
             with tempfile.TemporaryDirectory(dir=root) as tmp:
                 wav = Path(tmp) / "audio.wav"
-                sf.write(wav, audio, config.audio_rate, subtype="PCM_16")
+                _write_pcm(wav, audio, config.audio_rate, "wav")
                 _write_video(wav, stimuli_dir / f"friends_{episode}.mkv", duration)
-            video_written.append(episode)
+            out.video_written.append(episode)
         else:
-            _write_audio(stimuli_dir, episode, audio, config)
+            _write_pcm(stimuli_dir / f"friends_{episode}.{config.audio_format}", audio, config.audio_rate,
+                       config.audio_format)
+        del audio, frames
+    return out
 
-    # --- geometry and atlas
+
+# --------------------------------------------------------------------------- brain volume and atlas
+
+
+@dataclass(frozen=True)
+class _Brain:
+    """The volume every subject shares: geometry, atlas, STG mask and voxel baseline (flattened)."""
+
+    affine: np.ndarray
+    mask: np.ndarray  # (X, Y, Z) bool: the brain
+    labels: np.ndarray  # (X*Y*Z,) parcel label of each voxel, 0 outside the parcels
+    table: list[dict[str, Any]]  # one row per parcel, in label order
+    stg_ids: list[int]  # parcel labels of the STG mask
+    stg_voxels: np.ndarray  # flat indices of the STG mask voxels
+    baseline: np.ndarray  # (X*Y*Z,) voxel baseline: 1000 * U(0.8, 1.2) in the brain, 30 outside
+
+    @property
+    def mask_flat(self) -> np.ndarray:
+        return self.mask.ravel()
+
+    def members(self) -> list[np.ndarray]:
+        """Flat voxel indices of each parcel, in label order."""
+        return [np.flatnonzero(self.labels == row["index"]) for row in self.table]
+
+
+def _write_atlas(root: Path, config: SyntheticConfig, seed: int) -> _Brain:
+    """Write the atlas image and table and the STG mask; return the shared volume."""
+    import pandas as pd
+
     affine, brain, _ = _volume_geometry(config)
     labels, table = _make_atlas(config, seed)
     atlas_dir = root / "atlas"
@@ -1012,187 +854,240 @@ def generate_friends_like(
     stg_ids = auditory_ids[: max(2, len(auditory_ids) // 3)]
     stg = np.isin(labels, stg_ids).astype(np.uint8)
     _write_nifti(atlas_dir / f"tpl-{SPACE}_desc-STG_mask.nii.gz", stg, affine)
-    brain_u8 = brain.astype(np.uint8)
-    flat_labels = labels.ravel()
-    brain_flat = brain.ravel()
-    parcel_members = [np.flatnonzero(flat_labels == row["index"]) for row in table]
-    stg_voxels = np.flatnonzero(stg.ravel())
-    n_parcels = config.n_parcels
-    kinds = np.array([row["kind"] for row in table])
-
-    # spatial baseline (shared) and outside-brain background
-    geometry_rng = _rng(seed, "baseline")
-    baseline = np.where(brain_flat, 1000.0 * (0.8 + 0.4 * geometry_rng.random(brain_flat.size)), 30.0)
-
-    subjects_truth: dict[str, Any] = {}
-    runs_by_subject: dict[str, list[str]] = {}
-    missing = {s: [e for (subj, e) in config.missing_runs if subj == s] for s in subjects}
-    for subject in subjects:
-        run_episodes = [e for e in episodes if e not in missing[subject]]
-        runs_by_subject[subject] = run_episodes
-        raw_weights = _tuning(config, seed, table, subject)
-        # per-run confounds and cleaning
-        confound_columns = {e: _confounds(seed, subject, e, features_tr[e], tr) for e in run_episodes}
-        confound_used = {e: _default_confound_matrix(confound_columns[e]) for e in run_episodes}
-        clean_features = {e: _residualise(features_tr[e], confound_used[e]) for e in run_episodes}
-        # normalise weights: cleaned noiseless signal of unit pooled SD per parcel
-        pooled = np.zeros(n_parcels)
-        total = 0
-        for e in run_episodes:
-            signal = clean_features[e] @ raw_weights.T
-            pooled += (signal**2).sum(axis=0)
-            total += signal.shape[0]
-        scale = np.where(pooled > 0, 1.0 / np.sqrt(np.maximum(pooled, 1e-300) / total), 0.0)
-        weights = raw_weights * scale[:, None]
-        srng = _rng(seed, "snr", subject)
-        snr = np.zeros(n_parcels)
-        snr[kinds == "auditory"] = srng.uniform(*config.auditory_snr, size=int((kinds == "auditory").sum()))
-        snr[kinds == "weak"] = srng.uniform(*config.weak_snr, size=int((kinds == "weak").sum()))
-        noise = {e: _ar1(_rng(seed, "noise", subject, e), (n_trs[e], n_parcels), _NOISE_PHI) for e in run_episodes}
-        clean_noise = {e: _residualise(noise[e], confound_used[e]) for e in run_episodes}
-        noise_power = sum((clean_noise[e] ** 2).sum(axis=0) for e in run_episodes)
-        signal_power = sum(((clean_features[e] @ weights.T) ** 2).sum(axis=0) for e in run_episodes)
-        noise_sd = np.where(snr > 0, np.sqrt(signal_power / np.maximum(snr, 1e-12) / noise_power), 1.0)
-        noise_sd[kinds == "noise"] = 1.0
-
-        h5_runs: dict[str, np.ndarray] = {}
-        ceiling_by_run: dict[str, list[float]] = {}
-        voxel_ceiling_sum = np.zeros(stg_voxels.size)
-        sessions = {}
-        for r_index, episode in enumerate(episodes):
-            if episode not in run_episodes:
-                continue
-            session = f"{r_index // config.runs_per_session + 1:03d}"
-            sessions[episode] = session
-            n = n_trs[episode]
-            signal = features_tr[episode] @ weights.T  # (n, P) noiseless drive
-            parcel = signal + noise[episode] * noise_sd  # the parcel's true mean series
-            clean_signal = clean_features[episode] @ weights.T
-            target = _zscore(_residualise(parcel, confound_used[episode]))
-            h5_runs[episode] = target.astype(np.float32)
-            ceiling_by_run[episode] = [round(float(v), 6) for v in _corr_columns(clean_signal, target)]
-
-            # voxels
-            vrng = _rng(seed, "voxels", subject, episode)
-            conf = confound_used[episode]
-            conf_z = _zscore(conf) if conf.shape[1] else conf
-            n_conf = conf_z.shape[1]
-            voxel_series = np.empty((n, brain_flat.size))
-            voxel_series[:] = baseline
-            in_parcel = np.zeros(brain_flat.size, dtype=bool)
-            for p, members in enumerate(parcel_members):
-                common = vrng.standard_normal(n_conf) * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
-                own = vrng.standard_normal((members.size, n_conf)) * 0.5 * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
-                voxel_noise = vrng.standard_normal((n, members.size)) * _VOXEL_NOISE
-                voxel_noise -= voxel_noise.mean(axis=1, keepdims=True)  # parcel mean unchanged
-                voxel_series[:, members] += (
-                    _VOXEL_GAIN * parcel[:, [p]] + conf_z @ (common[None, :] + own).T + voxel_noise
-                )
-                in_parcel[members] = True
-            others = np.flatnonzero(brain_flat & ~in_parcel)
-            if others.size:  # brain voxels outside every parcel (none when parcels tile the brain)
-                loadings = vrng.standard_normal((others.size, n_conf)) * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
-                voxel_series[:, others] += _VOXEL_GAIN * _ar1(vrng, (n, others.size), _NOISE_PHI) + conf_z @ loadings.T
-            outside = np.flatnonzero(~brain_flat)
-            voxel_series[:, outside] += 3.0 * vrng.standard_normal((n, outside.size))
-            # voxel-level ceilings of the STG mask voxels
-            stg_clean = _zscore(_residualise(voxel_series[:, stg_voxels], conf))
-            stg_truth = clean_signal[:, flat_labels[stg_voxels] - 1]
-            voxel_ceiling_sum += _corr_columns(stg_truth, stg_clean)
-
-            # confounds TSV extras computed from the data, as fMRIPrep does
-            columns = dict(confound_columns[episode])
-            global_signal = voxel_series[:, brain_flat].mean(axis=1)
-            diffs = np.diff(voxel_series[:, brain_flat], axis=0)
-            dvars = np.concatenate([[np.nan], np.sqrt((diffs**2).mean(axis=1))])
-            motion = np.column_stack([columns[m] for m in _MOTION])
-            fd = np.abs(np.diff(motion, axis=0))
-            fd = np.concatenate([[np.nan], fd[:, :3].sum(axis=1) + 50.0 * fd[:, 3:].sum(axis=1)])
-            extras = {
-                "global_signal": global_signal,
-                "global_signal_derivative1": np.diff(global_signal, prepend=np.nan),
-                "global_signal_power2": global_signal**2,
-                "global_signal_derivative1_power2": np.diff(global_signal, prepend=np.nan) ** 2,
-                "csf_derivative1": np.diff(columns["csf"], prepend=np.nan),
-                "csf_power2": columns["csf"] ** 2,
-                "white_matter_derivative1": np.diff(columns["white_matter"], prepend=np.nan),
-                "white_matter_power2": columns["white_matter"] ** 2,
-                "std_dvars": dvars / np.nanmedian(dvars),
-                "dvars": dvars,
-                "framewise_displacement": fd,
-                "rmsd": np.concatenate([[np.nan], np.sqrt((np.diff(motion[:, :3], axis=0) ** 2).sum(axis=1))]),
-            }
-            ordered = {}
-            for name in (
-                "global_signal",
-                "global_signal_derivative1",
-                "global_signal_power2",
-                "global_signal_derivative1_power2",
-                "csf",
-                "csf_derivative1",
-                "csf_power2",
-                "white_matter",
-                "white_matter_derivative1",
-                "white_matter_power2",
-                "std_dvars",
-                "dvars",
-                "framewise_displacement",
-                "rmsd",
-            ):
-                ordered[name] = extras.get(name, columns.get(name))
-            ordered.update({c: columns[c] for c in columns if c.startswith("cosine")})
-            ordered.update({c: columns[c] for c in columns if c.startswith(("trans", "rot"))})
-
-            func = root / "fmriprep" / subject / f"ses-{session}" / "func"
-            prefix = f"{subject}_ses-{session}_task-{episode}"
-            bold = voxel_series.T.reshape(*config.volume_shape, n).astype(np.float32)
-            _write_nifti(func / f"{prefix}_space-{SPACE}_desc-preproc_bold.nii.gz", bold, affine, tr=tr)
-            _write_json(
-                func / f"{prefix}_space-{SPACE}_desc-preproc_bold.json",
-                {
-                    "RepetitionTime": tr,
-                    "SkullStripped": False,
-                    "SliceTimingCorrected": True,
-                    "StartTime": round(tr / 2, 6),
-                    "TaskName": episode,
-                },
-            )
-            _write_nifti(func / f"{prefix}_space-{SPACE}_desc-brain_mask.nii.gz", brain_u8, affine)
-            _write_confounds(func / f"{prefix}_desc-confounds_timeseries.tsv", ordered)
-
-        h5_file = root / _h5_relpath(subject, config)
-        h5_file.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(h5_file, "w") as handle:
-            for episode, array in h5_runs.items():
-                handle.create_dataset(f"ses-{sessions[episode]}_task-{episode}", data=array)
-
-        per_run = np.array(list(ceiling_by_run.values()))
-        subjects_truth[subject] = {
-            "episodes": run_episodes,
-            "missing_episodes": missing[subject],
-            "sessions": sessions,
-            "tuning": [[round(float(w), 6) for w in row] for row in weights],
-            "snr": [round(float(v), 6) for v in snr],
-            "noise_sd": [round(float(v), 6) for v in noise_sd],
-            "noise_ceiling_r": [round(float(v), 6) for v in per_run.mean(axis=0)],
-            "noise_ceiling_r2": [round(float(v), 6) for v in (per_run**2).mean(axis=0)],
-            "noise_ceiling_r_by_run": ceiling_by_run,
-            "voxel_noise_ceiling_r": [round(float(v), 6) for v in voxel_ceiling_sum / len(run_episodes)],
-        }
-
-    np.savez(
-        root / "ground_truth_features.npz",
-        **{f"features_{e}": features_tr[e].astype(np.float32) for e in episodes},
-        feature_names=np.array(FEATURES),
-    )
-    import pandas as pd
-
     pd.DataFrame([{k: row[k] for k in ("index", "name", "kind")} for row in table]).to_csv(
         atlas_dir / f"tpl-{SPACE}_atlas-{ATLAS_NAME}_dseg.tsv", sep="\t", index=False
     )
+    brain_flat = brain.ravel()
+    geometry_rng = seeded_rng(seed, "baseline")
+    baseline = np.where(brain_flat, 1000.0 * (0.8 + 0.4 * geometry_rng.random(brain_flat.size)), 30.0)
+    return _Brain(affine=affine, mask=brain, labels=labels.ravel(), table=table, stg_ids=stg_ids,
+                  stg_voxels=np.flatnonzero(stg.ravel()), baseline=baseline)
+
+
+# --------------------------------------------------------------------------- one subject's runs
+
+
+def _cleaned(features_tr: np.ndarray, confounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A run's default confound matrix and its features cleaned of it."""
+    return confounds, _residualise(features_tr, confounds)
+
+
+def _subject_noise_levels(config: SyntheticConfig, seed: int, subject: str, table: list[dict],
+                          runs: dict[str, tuple[np.ndarray, np.ndarray]], n_trs: dict[str, int]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised tuning weights, SNRs and noise SDs of a subject, from pooled statistics
+    accumulated run by run (each run's noise is drawn, summed and dropped, and drawn again
+    from the same stream when its series is made)."""
+    kinds = np.array([row["kind"] for row in table])
+    raw_weights = _tuning(config, seed, table, subject)
+    # normalise weights: cleaned noiseless signal of unit pooled SD per parcel
+    pooled, total = np.zeros(config.n_parcels), 0
+    for confounds, clean in runs.values():
+        signal = clean @ raw_weights.T
+        pooled += (signal**2).sum(axis=0)
+        total += signal.shape[0]
+    scale = np.where(pooled > 0, 1.0 / np.sqrt(np.maximum(pooled, 1e-300) / total), 0.0)
+    weights = raw_weights * scale[:, None]
+    srng = seeded_rng(seed, "snr", subject)
+    snr = np.zeros(config.n_parcels)
+    snr[kinds == "auditory"] = srng.uniform(*config.auditory_snr, size=int((kinds == "auditory").sum()))
+    snr[kinds == "weak"] = srng.uniform(*config.weak_snr, size=int((kinds == "weak").sum()))
+    noise_power: Any = 0
+    signal_power: Any = 0
+    for episode, (confounds, clean) in runs.items():
+        noise = _ar1(seeded_rng(seed, "noise", subject, episode), (n_trs[episode], config.n_parcels), _NOISE_PHI)
+        noise_power = noise_power + (_residualise(noise, confounds) ** 2).sum(axis=0)
+        signal_power = signal_power + ((clean @ weights.T) ** 2).sum(axis=0)
+    noise_sd = np.where(snr > 0, np.sqrt(signal_power / np.maximum(snr, 1e-12) / noise_power), 1.0)
+    noise_sd[kinds == "noise"] = 1.0
+    return weights, snr, noise_sd
+
+
+def _run_series(plan: _Plan, subject: str, episode: str, features_tr: np.ndarray, confounds: np.ndarray,
+                clean: np.ndarray, weights: np.ndarray, noise_sd: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One run's parcel series (noiseless drive + noise), cleaned noiseless signal and target
+    (the z-scored cleaned parcel series, what the HDF5 holds)."""
+    noise = _ar1(seeded_rng(plan.seed, "noise", subject, episode), (plan.n_trs[episode], plan.config.n_parcels),
+                 _NOISE_PHI)
+    parcel = features_tr @ weights.T + noise * noise_sd
+    target = _zscore(_residualise(parcel, confounds))
+    return parcel, clean @ weights.T, target
+
+
+def _rounded(values: Any) -> list[float]:
+    return [round(float(v), 6) for v in values]
+
+
+def _subject_truth(plan: _Plan, subject: str, weights: np.ndarray, snr: np.ndarray, noise_sd: np.ndarray,
+                   ceiling_by_run: dict[str, list[float]]) -> dict[str, Any]:
+    """A subject's entry of ``ground_truth.json`` (design, tuning, SNRs, parcel noise ceilings)."""
+    per_run = np.array(list(ceiling_by_run.values()))
+    return {
+        "episodes": plan.runs(subject),
+        "missing_episodes": plan.missing(subject),
+        "sessions": plan.sessions(subject),
+        "tuning": [_rounded(row) for row in weights],
+        "snr": _rounded(snr),
+        "noise_sd": _rounded(noise_sd),
+        "noise_ceiling_r": _rounded(per_run.mean(axis=0)),
+        "noise_ceiling_r2": _rounded((per_run**2).mean(axis=0)),
+        "noise_ceiling_r_by_run": ceiling_by_run,
+    }
+
+
+def _write_subject(root: Path, plan: _Plan, brain: _Brain, features_tr: dict[str, np.ndarray],
+                   subject: str) -> dict[str, Any]:
+    """One subject's runs in both layouts (HDF5 targets; NIfTI, mask and confounds per run);
+    return its ground truth, voxel noise ceilings of the STG mask included."""
+    import h5py
+
+    config, seed = plan.config, plan.seed
+    columns = {e: _confounds(seed, subject, e, features_tr[e], config.tr) for e in plan.runs(subject)}
+    runs = {e: _cleaned(features_tr[e], _default_confound_matrix(columns[e])) for e in columns}
+    weights, snr, noise_sd = _subject_noise_levels(config, seed, subject, brain.table, runs, plan.n_trs)
+    sessions = plan.sessions(subject)
+    members = brain.members()
+    ceiling_by_run: dict[str, list[float]] = {}
+    voxel_ceiling_sum = np.zeros(brain.stg_voxels.size)
+    h5_file = root / _h5_relpath(subject, config)
+    h5_file.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(h5_file, "w") as handle:
+        for episode, (confounds, clean) in runs.items():
+            parcel, clean_signal, target = _run_series(plan, subject, episode, features_tr[episode], confounds,
+                                                       clean, weights, noise_sd)
+            handle.create_dataset(f"ses-{sessions[episode]}_task-{episode}", data=target.astype(np.float32))
+            ceiling_by_run[episode] = _rounded(_corr_columns(clean_signal, target))
+            voxels = _simulate_voxels(seeded_rng(seed, "voxels", subject, episode), parcel, confounds, brain, members)
+            # voxel-level ceilings of the STG mask voxels
+            stg_clean = _zscore(_residualise(voxels[:, brain.stg_voxels], confounds))
+            stg_truth = clean_signal[:, brain.labels[brain.stg_voxels] - 1]
+            voxel_ceiling_sum += _corr_columns(stg_truth, stg_clean)
+            _write_fmriprep_run(root, config, brain, subject, sessions[episode], episode, voxels, columns[episode])
+    truth = _subject_truth(plan, subject, weights, snr, noise_sd, ceiling_by_run)
+    truth["voxel_noise_ceiling_r"] = _rounded(voxel_ceiling_sum / len(runs))
+    return truth
+
+
+def _simulate_voxels(vrng: np.random.Generator, parcel: np.ndarray, confounds: np.ndarray, brain: _Brain,
+                     members: list[np.ndarray]) -> np.ndarray:
+    """Voxel time series ``(n_TR, X*Y*Z)`` of one run: in each parcel ``baseline + gain * parcel
+    series + confounds @ loadings + voxel noise`` with noise summing to zero over the parcel;
+    other brain voxels AR(1) noise and confounds; background noise outside the brain."""
+    n = parcel.shape[0]
+    brain_flat = brain.mask_flat
+    conf_z = _zscore(confounds) if confounds.shape[1] else confounds
+    n_conf = conf_z.shape[1]
+    voxel_series = np.empty((n, brain_flat.size))
+    voxel_series[:] = brain.baseline
+    in_parcel = np.zeros(brain_flat.size, dtype=bool)
+    for p, voxels in enumerate(members):
+        common = vrng.standard_normal(n_conf) * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
+        own = vrng.standard_normal((voxels.size, n_conf)) * 0.5 * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
+        voxel_noise = vrng.standard_normal((n, voxels.size)) * _VOXEL_NOISE
+        voxel_noise -= voxel_noise.mean(axis=1, keepdims=True)  # parcel mean unchanged
+        voxel_series[:, voxels] += _VOXEL_GAIN * parcel[:, [p]] + conf_z @ (common[None, :] + own).T + voxel_noise
+        in_parcel[voxels] = True
+    others = np.flatnonzero(brain_flat & ~in_parcel)
+    if others.size:  # brain voxels outside every parcel (none when parcels tile the brain)
+        loadings = vrng.standard_normal((others.size, n_conf)) * _CONFOUND_SD / math.sqrt(max(n_conf, 1))
+        voxel_series[:, others] += _VOXEL_GAIN * _ar1(vrng, (n, others.size), _NOISE_PHI) + conf_z @ loadings.T
+    outside = np.flatnonzero(~brain_flat)
+    voxel_series[:, outside] += 3.0 * vrng.standard_normal((n, outside.size))
+    return voxel_series
+
+
+# fMRIPrep's order of the confound columns computed from the data, before cosines and motion.
+_DATA_CONFOUNDS = (
+    "global_signal",
+    "global_signal_derivative1",
+    "global_signal_power2",
+    "global_signal_derivative1_power2",
+    "csf",
+    "csf_derivative1",
+    "csf_power2",
+    "white_matter",
+    "white_matter_derivative1",
+    "white_matter_power2",
+    "std_dvars",
+    "dvars",
+    "framewise_displacement",
+    "rmsd",
+)
+
+
+def _confounds_table(columns: dict[str, np.ndarray], voxel_series: np.ndarray, brain_flat: np.ndarray
+                     ) -> dict[str, np.ndarray]:
+    """A run's full confounds TSV columns: the drawn ones plus those fMRIPrep computes from the
+    data (global signal, DVARS, framewise displacement ...), in fMRIPrep's order."""
+    global_signal = voxel_series[:, brain_flat].mean(axis=1)
+    diffs = np.diff(voxel_series[:, brain_flat], axis=0)
+    dvars = np.concatenate([[np.nan], np.sqrt((diffs**2).mean(axis=1))])
+    motion = np.column_stack([columns[m] for m in _MOTION])
+    fd = np.abs(np.diff(motion, axis=0))
+    fd = np.concatenate([[np.nan], fd[:, :3].sum(axis=1) + 50.0 * fd[:, 3:].sum(axis=1)])
+    extras = {
+        "global_signal": global_signal,
+        "global_signal_derivative1": np.diff(global_signal, prepend=np.nan),
+        "global_signal_power2": global_signal**2,
+        "global_signal_derivative1_power2": np.diff(global_signal, prepend=np.nan) ** 2,
+        "csf_derivative1": np.diff(columns["csf"], prepend=np.nan),
+        "csf_power2": columns["csf"] ** 2,
+        "white_matter_derivative1": np.diff(columns["white_matter"], prepend=np.nan),
+        "white_matter_power2": columns["white_matter"] ** 2,
+        "std_dvars": dvars / np.nanmedian(dvars),
+        "dvars": dvars,
+        "framewise_displacement": fd,
+        "rmsd": np.concatenate([[np.nan], np.sqrt((np.diff(motion[:, :3], axis=0) ** 2).sum(axis=1))]),
+    }
+    ordered = {name: extras.get(name, columns.get(name)) for name in _DATA_CONFOUNDS}
+    ordered.update({c: columns[c] for c in columns if c.startswith("cosine")})
+    ordered.update({c: columns[c] for c in columns if c.startswith(("trans", "rot"))})
+    return ordered
+
+
+def _write_fmriprep_run(root: Path, config: SyntheticConfig, brain: _Brain, subject: str, session: str,
+                        episode: str, voxel_series: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    """One run's fMRIPrep-like files: BOLD NIfTI and its sidecar, brain mask, confounds TSV."""
+    func = root / "fmriprep" / subject / f"ses-{session}" / "func"
+    prefix = f"{subject}_ses-{session}_task-{episode}"
+    tr = config.tr
+    bold = voxel_series.T.reshape(*config.volume_shape, voxel_series.shape[0]).astype(np.float32)
+    _write_nifti(func / f"{prefix}_space-{SPACE}_desc-preproc_bold.nii.gz", bold, brain.affine, tr=tr)
+    _write_json(
+        func / f"{prefix}_space-{SPACE}_desc-preproc_bold.json",
+        {
+            "RepetitionTime": tr,
+            "SkullStripped": False,
+            "SliceTimingCorrected": True,
+            "StartTime": round(tr / 2, 6),
+            "TaskName": episode,
+        },
+    )
+    _write_nifti(func / f"{prefix}_space-{SPACE}_desc-brain_mask.nii.gz", brain.mask.astype(np.uint8), brain.affine)
+    _write_confounds(func / f"{prefix}_desc-confounds_timeseries.tsv",
+                     _confounds_table(columns, voxel_series, brain.mask_flat))
+
+
+# --------------------------------------------------------------------------- ground truth and description
+
+
+def _write_features(root: Path, plan: _Plan, features_tr: dict[str, np.ndarray]) -> None:
+    """``ground_truth_features.npz``: the feature regressors at each TR, per episode."""
+    np.savez(
+        root / "ground_truth_features.npz",
+        **{f"features_{e}": features_tr[e].astype(np.float32) for e in plan.config.episodes()},
+        feature_names=np.array(FEATURES),
+    )
+
+
+def _write_ground_truth(root: Path, plan: _Plan, brain: _Brain, segments: dict[str, list],
+                        subjects_truth: dict[str, Any]) -> None:
+    """``ground_truth.json`` of the full (NIfTI + HDF5) dataset."""
+    config, tr = plan.config, plan.config.tr
     truth = {
-        "seed": seed,
-        "size": size,
+        "seed": plan.seed,
+        "size": plan.size,
         "tr": tr,
         "audio_sample_rate": config.audio_rate,
         "time_convention": (
@@ -1234,74 +1129,73 @@ def generate_friends_like(
             "confound_sd": _CONFOUND_SD,
             "note": "voxel noise sums to zero over each parcel, so parcel means equal the parcel series",
         },
-        "parcels": table,
-        "stg_mask_parcels": [int(i) for i in stg_ids],
+        "parcels": brain.table,
+        "stg_mask_parcels": [int(i) for i in brain.stg_ids],
         "extra_trs_after_audio": _EXTRA_TRS,
-        "n_trs": n_trs,
-        "segments": segments_by_episode,
+        "n_trs": plan.n_trs,
+        "segments": segments,
         "subjects": subjects_truth,
     }
     _write_json(root / "ground_truth.json", truth)
-    _write_json(
-        root / "fmriprep" / "dataset_description.json",
-        {
-            "Name": "Synthetic Friends-like fMRIPrep derivatives",
-            "BIDSVersion": "1.8.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
-        },
-    )
-    config_dict = asdict(config)
+
+
+_FMRIPREP_DESCRIPTION = {
+    "Name": "Synthetic Friends-like fMRIPrep derivatives",
+    "BIDSVersion": "1.8.0",
+    "DatasetType": "derivative",
+    "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
+}
+_FULL_DESCRIPTION = {
+    "Name": "Synthetic Friends-like naturalistic fMRI dataset",
+    "Description": (
+        "Soundtracks of half-episodes with speech-like, music-like, noise and silent segments; brain "
+        "responses generated from known auditory features, per-parcel and per-subject tuning, nilearn's "
+        "Glover HRF and AR(1) noise of known SNR, in fMRIPrep-like NIfTI and Algonauts-like HDF5 layouts. "
+        "See ground_truth.json and training/synthetic.py."
+    ),
+    "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
+}
+_HDF5_DESCRIPTION = {
+    "Name": "Synthetic Friends-like naturalistic fMRI dataset (Algonauts HDF5 layout only)",
+    "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
+}
+
+
+def _write_description(root: Path, plan: _Plan, table: list[dict[str, Any]], video_written: list[str],
+                       header: dict[str, Any]) -> SyntheticDataset:
+    """Write ``dataset_description.json`` (``header`` and the manifest :meth:`SyntheticDataset.load`
+    reads), last: its presence marks a complete dataset."""
+    config = plan.config
+    subjects = config.subjects()
+    runs_by_subject = {subject: plan.runs(subject) for subject in subjects}
     dataset = SyntheticDataset(
         root=root,
-        seed=seed,
-        size=size,
+        seed=plan.seed,
+        size=plan.size,
         config=config,
         subjects=tuple(subjects),
-        episodes=tuple(episodes),
+        episodes=tuple(config.episodes()),
         runs={s: tuple(e) for s, e in runs_by_subject.items()},
-        tr=tr,
+        tr=config.tr,
         target_names=tuple(row["name"] for row in table),
         video_episodes=tuple(video_written),
     )
-    description = {
-        "Name": "Synthetic Friends-like naturalistic fMRI dataset",
-        "Description": (
-            "Soundtracks of half-episodes with speech-like, music-like, noise and silent segments; brain "
-            "responses generated from known auditory features, per-parcel and per-subject tuning, nilearn's "
-            "Glover HRF and AR(1) noise of known SNR, in fMRIPrep-like NIfTI and Algonauts-like HDF5 layouts. "
-            "See ground_truth.json and training/synthetic.py."
-        ),
-        "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
-        "SyntheticFriends": {
-            "seed": seed,
-            "size": size,
-            "config": config_dict,
-            "subjects": subjects,
-            "episodes": episodes,
-            "runs": runs_by_subject,
-            "tr": tr,
-            "target_names": list(dataset.target_names),
-            "video_episodes": video_written,
-        },
+    manifest = {
+        "seed": plan.seed,
+        "size": plan.size,
+        "config": asdict(config),
+        "subjects": subjects,
+        "episodes": config.episodes(),
+        "runs": runs_by_subject,
+        "tr": config.tr,
+        "target_names": list(dataset.target_names),
+        "video_episodes": video_written,
     }
-    _write_json(root / "dataset_description.json", description)  # last: marks completion
+    _write_json(root / "dataset_description.json", {**header, "SyntheticFriends": manifest})
     return dataset
 
 
 # --------------------------------------------------------------------------- streaming (HDF5 only)
-
-_AUDIO_FORMATS = {"wav": "PCM_16", "flac": "PCM_16"}
-
-
-def _write_audio(stimuli_dir: Path, episode: str, audio: np.ndarray, config: SyntheticConfig) -> Path:
-    """``friends_<episode>.<audio_format>`` at ``config.audio_rate``, 16-bit."""
-    import soundfile as sf
-
-    path = stimuli_dir / f"friends_{episode}.{config.audio_format}"
-    sf.write(path, audio, config.audio_rate, subtype=_AUDIO_FORMATS[config.audio_format],
-             format=config.audio_format.upper())
-    return path
 
 
 def _plain_table(config: SyntheticConfig) -> list[dict[str, Any]]:
@@ -1316,84 +1210,27 @@ def _plain_table(config: SyntheticConfig) -> list[dict[str, Any]]:
     return table
 
 
-def _stream_stimuli(root: Path, config: SyntheticConfig, seed: int, durations: dict[str, float],
-                    n_trs: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Synthesise and write each soundtrack in turn (one in memory at a time); return the
-    features at each TR and the segment lists (small)."""
-    stimuli_dir = root / "stimuli"
-    stimuli_dir.mkdir(parents=True, exist_ok=True)
-    features_tr, segments = {}, {}
-    for episode, duration in durations.items():
-        audio, frames, segments[episode] = _synthesise_episode(seed, episode, duration, config.audio_rate)
-        features_tr[episode] = _features_at_trs(frames, n_trs[episode], config.tr)
-        _write_audio(stimuli_dir, episode, audio, config)
-        del audio, frames
-    return features_tr, segments
-
-
-def _subject_noise_levels(config: SyntheticConfig, seed: int, subject: str, table: list[dict],
-                          runs: dict[str, tuple[np.ndarray, np.ndarray]], n_trs: dict[str, int]
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Normalised tuning weights, SNRs and noise SDs of a subject, from pooled statistics
-    accumulated run by run (each run's noise is drawn, summed and dropped): the same numbers,
-    in the same order of operations, as the in-memory generator."""
-    kinds = np.array([row["kind"] for row in table])
-    raw_weights = _tuning(config, seed, table, subject)
-    pooled, total = np.zeros(config.n_parcels), 0
-    for confounds, clean in runs.values():
-        signal = clean @ raw_weights.T
-        pooled += (signal**2).sum(axis=0)
-        total += signal.shape[0]
-    scale = np.where(pooled > 0, 1.0 / np.sqrt(np.maximum(pooled, 1e-300) / total), 0.0)
-    weights = raw_weights * scale[:, None]
-    srng = _rng(seed, "snr", subject)
-    snr = np.zeros(config.n_parcels)
-    snr[kinds == "auditory"] = srng.uniform(*config.auditory_snr, size=int((kinds == "auditory").sum()))
-    snr[kinds == "weak"] = srng.uniform(*config.weak_snr, size=int((kinds == "weak").sum()))
-    noise_power: Any = 0
-    signal_power: Any = 0
-    for episode, (confounds, clean) in runs.items():
-        noise = _ar1(_rng(seed, "noise", subject, episode), (n_trs[episode], config.n_parcels), _NOISE_PHI)
-        noise_power = noise_power + (_residualise(noise, confounds) ** 2).sum(axis=0)
-        signal_power = signal_power + ((clean @ weights.T) ** 2).sum(axis=0)
-    noise_sd = np.where(snr > 0, np.sqrt(signal_power / np.maximum(snr, 1e-12) / noise_power), 1.0)
-    noise_sd[kinds == "noise"] = 1.0
-    return weights, snr, noise_sd
-
-
-def _stream_subject(handle: Any, config: SyntheticConfig, seed: int, subject: str, episodes: list[str],
-                    table: list[dict], features_tr: dict[str, np.ndarray], n_trs: dict[str, int]
-                    ) -> dict[str, Any]:
-    """Write one subject's runs (``episodes``) into the open HDF5 ``handle``, one run in memory
-    at a time; return its ground truth."""
-    # sessions number every episode of the design, missing runs included, as in the in-memory path
-    sessions = {e: f"{i // config.runs_per_session + 1:03d}" for i, e in enumerate(config.episodes())
-                if e in episodes}
+def _stream_subject(handle: Any, plan: _Plan, subject: str, table: list[dict],
+                    features_tr: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write one subject's runs into the open HDF5 ``handle``, one run in memory at a time;
+    return its ground truth."""
+    config, seed = plan.config, plan.seed
+    sessions = plan.sessions(subject)
     runs = {}
-    for episode in episodes:
+    for episode in plan.runs(subject):
         confounds = _default_confound_matrix(_confounds(seed, subject, episode, features_tr[episode], config.tr))
-        runs[episode] = (confounds, _residualise(features_tr[episode], confounds))  # (n, ~30), (n, 10)
-    weights, snr, noise_sd = _subject_noise_levels(config, seed, subject, table, runs, n_trs)
+        runs[episode] = _cleaned(features_tr[episode], confounds)  # (n, ~30), (n, 10)
+    weights, snr, noise_sd = _subject_noise_levels(config, seed, subject, table, runs, plan.n_trs)
     ceiling_by_run: dict[str, list[float]] = {}
     for episode, (confounds, clean) in runs.items():
-        noise = _ar1(_rng(seed, "noise", subject, episode), (n_trs[episode], config.n_parcels), _NOISE_PHI)
-        parcel = features_tr[episode] @ weights.T + noise * noise_sd
-        target = _zscore(_residualise(parcel, confounds))
+        _, clean_signal, target = _run_series(plan, subject, episode, features_tr[episode], confounds, clean,
+                                              weights, noise_sd)
         handle.create_dataset(f"ses-{sessions[episode]}_task-{episode}", data=target.astype(np.float32))
-        ceiling_by_run[episode] = [round(float(v), 6) for v in _corr_columns(clean @ weights.T, target)]
-    per_run = np.array(list(ceiling_by_run.values()))
-    return {
-        "episodes": episodes, "missing_episodes": [], "sessions": sessions,
-        "tuning": [[round(float(w), 6) for w in row] for row in weights],
-        "snr": [round(float(v), 6) for v in snr], "noise_sd": [round(float(v), 6) for v in noise_sd],
-        "noise_ceiling_r": [round(float(v), 6) for v in per_run.mean(axis=0)],
-        "noise_ceiling_r2": [round(float(v), 6) for v in (per_run**2).mean(axis=0)],
-        "noise_ceiling_r_by_run": ceiling_by_run,
-    }
+        ceiling_by_run[episode] = _rounded(_corr_columns(clean_signal, target))
+    return _subject_truth(plan, subject, weights, snr, noise_sd, ceiling_by_run)
 
 
-def _generate_streaming(root: Path, config: SyntheticConfig, *, seed: int, size: str,
-                        durations: dict[str, float], n_trs: dict[str, int]) -> SyntheticDataset:
+def _generate_streaming(root: Path, plan: _Plan) -> SyntheticDataset:
     """The dataset in the Algonauts HDF5 layout only, soundtrack by soundtrack and run by run:
     memory holds one soundtrack, one run's targets and per-TR features, whatever the size.
 
@@ -1401,45 +1238,29 @@ def _generate_streaming(root: Path, config: SyntheticConfig, *, seed: int, size:
     random streams, same operations); parcels have no atlas image, hence no voxels."""
     import h5py
 
-    subjects, episodes = config.subjects(), config.episodes()
-    missing = {s: [e for (subj, e) in config.missing_runs if subj == s] for s in subjects}
-    features_tr, segments = _stream_stimuli(root, config, seed, durations, n_trs)
+    config = plan.config
+    stimuli = _write_stimuli(root, plan, video=False)
     table = _plain_table(config)
-    subjects_truth, runs_by_subject = {}, {}
-    for subject in subjects:
-        runs_by_subject[subject] = [e for e in episodes if e not in missing[subject]]
+    subjects_truth = {}
+    for subject in config.subjects():
         h5_file = root / _h5_relpath(subject, config)
         h5_file.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(h5_file, "w") as handle:
-            subjects_truth[subject] = _stream_subject(handle, config, seed, subject, runs_by_subject[subject],
-                                                      table, features_tr, n_trs)
-        subjects_truth[subject]["missing_episodes"] = missing[subject]
-    np.savez(root / "ground_truth_features.npz",
-             **{f"features_{e}": features_tr[e].astype(np.float32) for e in episodes},
-             feature_names=np.array(FEATURES))
+            subjects_truth[subject] = _stream_subject(handle, plan, subject, table, stimuli.features_tr)
+    _write_features(root, plan, stimuli.features_tr)
     _write_json(root / "ground_truth.json", {
-        "seed": seed, "size": size, "tr": config.tr, "audio_sample_rate": config.audio_rate,
+        "seed": plan.seed, "size": plan.size, "tr": config.tr, "audio_sample_rate": config.audio_rate,
         "time_convention": "volume i is the HRF-convolved drive sampled at t = (i + 0.5) * TR seconds",
         "features": [{"name": n, "definition": FEATURE_DEFINITIONS[n]} for n in FEATURES],
         "layouts": ["algonauts"], "parcels": table, "extra_trs_after_audio": _EXTRA_TRS,
-        "n_trs": n_trs, "segments": segments, "subjects": subjects_truth,
+        "n_trs": plan.n_trs, "segments": stimuli.segments, "subjects": subjects_truth,
     })
-    dataset = SyntheticDataset(root=root, seed=seed, size=size, config=config, subjects=tuple(subjects),
-                               episodes=tuple(episodes), runs={s: tuple(e) for s, e in runs_by_subject.items()},
-                               tr=config.tr, target_names=tuple(row["name"] for row in table), video_episodes=())
-    _write_json(root / "dataset_description.json", {  # last: marks completion
-        "Name": "Synthetic Friends-like naturalistic fMRI dataset (Algonauts HDF5 layout only)",
-        "GeneratedBy": [{"Name": "training.synthetic (hear-brainsoundnet)"}],
-        "SyntheticFriends": {"seed": seed, "size": size, "config": asdict(config), "subjects": subjects,
-                             "episodes": episodes, "runs": runs_by_subject, "tr": config.tr,
-                             "target_names": list(dataset.target_names), "video_episodes": []},
-    })
-    return dataset
+    return _write_description(root, plan, table, [], _HDF5_DESCRIPTION)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = f"python -m {__package__}.synthetic") -> int:
     """Command line: ``python -m training.synthetic OUT_DIR [--seed N] [--size NAME]``."""
-    parser = argparse.ArgumentParser(prog="python -m training.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, help="destination folder (must be empty unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", choices=sorted(SIZES), default="default", help="dataset size (default: default)")

@@ -1,26 +1,35 @@
-"""Data for retraining SoundNet on brain activity.
+"""Data for retraining SoundNet on brain activity: from files to episodes paired with brain runs.
 
-Readers of brain data (:mod:`~training.data.fmri`), the stimulus cache
-(:mod:`~training.data.stimuli`), pairing and splits (:mod:`~training.data.pairing`) and
-training windows (:mod:`~training.data.windows`).  A typical pipeline::
+The pipeline the trainer runs (:func:`training.data.loading.load_splits`, from an experiment
+config)::
 
     brain = read_fmriprep(deriv_dir, "sub-01", atlas=atlas, cache_dir=cache / "fmri")
-    # or: brain = read_algonauts_h5(find_algonauts_h5(fmri_dir, "sub-01"))
-    stimuli = StimulusCache(stimuli_dir, cache / "audio")
+    # or read_algonauts_h5(find_algonauts_h5(fmri_dir, "sub-01")), or read_npz_cache(folder)
+    stimuli = StimulusCache(stimuli_dir, cache / "audio")           # decoded once, memory-mapped
     split = split_by_season(set(brain.episodes) & set(stimuli.episodes()), seed=0)
-    parts = split_runs(pair_runs(brain, stimuli, episodes=split.train + split.validation), split)
-    train = WindowDataset(parts.train, window_trs=70, history_samples=history)
+    runs = split_runs(pair_runs(brain, stimuli), split)               # PairedRun per episode
+    # load_splits groups every subject's runs by episode: DataSplits of Episode objects,
+    # which training.batches.EpisodeSet cuts into windows and batches.
+
+Modules, in import order (each imports only those before it): :mod:`~training.data.errors`
+(:class:`DataError`), :mod:`~training.data._io` (file helpers), :mod:`~training.data.fmri`
+(brain-data readers, one module per source), :mod:`~training.data.stimuli` (the stimulus
+cache), :mod:`~training.data.pairing` (pairing and splits), :mod:`~training.data.episodes`
+(what a run trains on) and :mod:`~training.data.loading` (config to data; not imported here,
+as it needs the experiment config).
 
 Every data problem raises :class:`DataError`, naming the file at fault.
 """
 
 from ._io import is_unfetched, require_file
+from .episodes import DataSplits, Episode
 from .errors import DataError
 from .fmri import (
     DEFAULT_CONFOUNDS,
     DEFAULT_SPACE,
     DEFAULT_TR,
     BrainRuns,
+    FmriprepMasker,
     FmriprepRun,
     bids_entities,
     find_algonauts_h5,
@@ -43,7 +52,6 @@ from .pairing import (
     whole_episode,
 )
 from .stimuli import SAMPLE_RATE, StimulusCache, decode_audio, find_stimuli, scan_stimuli
-from .windows import WindowDataset, make_example, tr_boundaries, window_samples, window_starts
 
 __all__ = [
     "DEFAULT_CONFOUNDS",
@@ -52,19 +60,20 @@ __all__ = [
     "SAMPLE_RATE",
     "BrainRuns",
     "DataError",
+    "DataSplits",
+    "Episode",
+    "FmriprepMasker",
     "FmriprepRun",
     "PairedRun",
     "Split",
     "SplitRuns",
     "StimulusCache",
-    "WindowDataset",
     "bids_entities",
     "decode_audio",
     "find_algonauts_h5",
     "find_fmriprep_runs",
     "find_stimuli",
     "is_unfetched",
-    "make_example",
     "pair_runs",
     "parse_episode",
     "read_algonauts_h5",
@@ -76,9 +85,6 @@ __all__ = [
     "split_by_season",
     "split_from_lists",
     "split_runs",
-    "tr_boundaries",
-    "window_samples",
     "whole_episode",
-    "window_starts",
     "write_npz_cache",
 ]

@@ -1,6 +1,6 @@
 """Small file helpers shared by :mod:`training.data`: atomic writes of arrays and text, cache keys.
 
-Every write goes through :func:`hear_brainsoundnet.checkpoints.atomic_write` (the project's one
+Every write goes through :func:`hear_brainsoundnet.files.atomic_write` (the project's one
 atomic-write routine: a temporary file in the destination directory, fsync, then
 :func:`os.replace`), so a reader (another process, a DataLoader worker, a run killed half-way)
 sees either no file or a complete one, never a partial one.

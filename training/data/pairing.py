@@ -38,14 +38,14 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from .errors import DataError
-from .fmri import BrainRuns, _natural_key
+from .fmri.runs import BrainRuns, natural_key
 from ..timebase import tr_boundaries
 
 __all__ = [
@@ -134,11 +134,6 @@ class PairedRun:
         """Number of volumes (after trimming)."""
         return int(self.targets.shape[0])
 
-    @property
-    def n_targets(self) -> int:
-        """Number of targets."""
-        return int(self.targets.shape[1])
-
     def boundaries(self) -> np.ndarray:
         """Sample index of the start of each TR and of the end of the last: ``(n_trs + 1,)``."""
         return tr_boundaries(self.n_trs, self.tr, self.sample_rate)
@@ -180,16 +175,7 @@ def pair_runs(
     DataError
         Audio much shorter than a run (rule 3), or a waveform that is not 1-D.
     """
-    if isinstance(stimuli, Mapping):
-        if sample_rate is None:
-            raise ValueError("pair_runs: pass sample_rate= with a plain mapping of waveforms")
-        available = set(stimuli)
-        get = stimuli.__getitem__
-        rate = int(sample_rate)
-    else:
-        available = set(stimuli.episodes())
-        get = stimuli.waveform
-        rate = int(stimuli.sample_rate)
+    available, waveform_of, rate = _stimulus_source(stimuli, sample_rate)
     wanted = brain.episodes if episodes is None else [e for e in brain.episodes if e in set(episodes)]
     missing = [episode for episode in wanted if episode not in available]
     if missing:
@@ -201,28 +187,14 @@ def pair_runs(
     for episode in wanted:
         if episode not in available:
             continue
-        waveform = get(episode)
+        waveform = waveform_of(episode)
         if waveform.ndim != 1:
             raise DataError(f"{brain.subject} {episode}: waveform has shape {waveform.shape}, expected mono (n,)")
-        targets = brain.runs[episode]
-        n_trs = targets.shape[0]
-        ends = tr_boundaries(n_trs, brain.tr, rate)[1:]
-        covered = int(np.searchsorted(ends, waveform.shape[0], side="right"))
-        trimmed = n_trs - covered
-        if trimmed > max_trim_trs:
-            raise DataError(
-                f"{brain.subject} {episode}: the audio lasts {waveform.shape[0] / rate:.2f} s but the run has "
-                f"{n_trs} volumes ({n_trs * brain.tr:.2f} s): {trimmed} volumes would be trimmed "
-                f"(more than max_trim_trs={max_trim_trs}); is it the right soundtrack?"
-            )
-        if trimmed > warn_trim_trs:
-            warnings.warn(
-                f"{brain.subject} {episode}: audio shorter than the run, trimming {trimmed} of {n_trs} volumes",
-                stacklevel=2,
-            )
+        covered = _covered_trs(brain, episode, waveform.shape[0], rate, warn_trim_trs, max_trim_trs)
         if covered == 0:
             warnings.warn(f"{brain.subject} {episode}: the audio covers no full TR; run skipped", stacklevel=2)
             continue
+        targets = brain.runs[episode]
         paired.append(
             PairedRun(
                 subject=brain.subject,
@@ -231,10 +203,46 @@ def pair_runs(
                 waveform=waveform,
                 tr=brain.tr,
                 sample_rate=rate,
-                trimmed_trs=trimmed,
+                trimmed_trs=targets.shape[0] - covered,
             )
         )
     return paired
+
+
+def _stimulus_source(
+    stimuli: _Stimuli | Mapping[str, np.ndarray], sample_rate: int | None
+) -> tuple[set[str], Callable[[str], np.ndarray], int]:
+    """The episodes a stimulus source has, how to get one's waveform, and their sample rate."""
+    if isinstance(stimuli, Mapping):
+        if sample_rate is None:
+            raise ValueError("pair_runs: pass sample_rate= with a plain mapping of waveforms")
+        return set(stimuli), stimuli.__getitem__, int(sample_rate)
+    return set(stimuli.episodes()), stimuli.waveform, int(stimuli.sample_rate)
+
+
+def _covered_trs(brain: BrainRuns, episode: str, n_samples: int, rate: int, warn_trim_trs: int,
+                 max_trim_trs: int) -> int:
+    """How many of a run's volumes ``n_samples`` of audio cover in full (rule 3 above).
+
+    Warns when more than ``warn_trim_trs`` volumes are left uncovered; raises a DataError when
+    more than ``max_trim_trs`` are.
+    """
+    n_trs = brain.runs[episode].shape[0]
+    ends = tr_boundaries(n_trs, brain.tr, rate)[1:]
+    covered = int(np.searchsorted(ends, n_samples, side="right"))
+    trimmed = n_trs - covered
+    if trimmed > max_trim_trs:
+        raise DataError(
+            f"{brain.subject} {episode}: the audio lasts {n_samples / rate:.2f} s but the run has "
+            f"{n_trs} volumes ({n_trs * brain.tr:.2f} s): {trimmed} volumes would be trimmed "
+            f"(more than max_trim_trs={max_trim_trs}); is it the right soundtrack?"
+        )
+    if trimmed > warn_trim_trs:
+        warnings.warn(
+            f"{brain.subject} {episode}: audio shorter than the run, trimming {trimmed} of {n_trs} volumes",
+            stacklevel=3,
+        )
+    return covered
 
 
 @dataclass(frozen=True)
@@ -253,7 +261,7 @@ class Split:
 
     def __post_init__(self) -> None:
         for name in PARTS:
-            object.__setattr__(self, name, tuple(sorted(dict.fromkeys(getattr(self, name)), key=_natural_key)))
+            object.__setattr__(self, name, tuple(sorted(dict.fromkeys(getattr(self, name)), key=natural_key)))
         for i, first in enumerate(PARTS):
             for second in PARTS[i + 1 :]:
                 both = set(getattr(self, first)) & set(getattr(self, second))
@@ -311,7 +319,7 @@ def split_by_season(
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    ids = sorted(dict.fromkeys(episodes), key=_natural_key)
+    ids = sorted(dict.fromkeys(episodes), key=natural_key)
     if not ids:
         raise DataError("split_by_season: no episodes given")
     seasons = {episode: season_of(episode) for episode in ids}

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hear_brainsoundnet.soundnet import SAMPLE_RATE  # every waveform handed to training: SoundNet's rate
+
 from ._io import atomic_save_npy, file_identity, hash_key, is_unfetched
 from .errors import DataError
 
@@ -54,8 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Sample rate of every waveform handed to training (SoundNet's rate).
-SAMPLE_RATE = 22050
 #: Extensions read with soundfile, in order of preference when an episode has several files.
 AUDIO_EXTENSIONS = (".wav", ".flac")
 #: Extensions decoded with torchcodec (FFmpeg).
@@ -339,7 +339,7 @@ class StimulusCache:
             self.waveform(episode)
 
     def __getstate__(self) -> dict:
-        # Memory maps and locks do not pickle; DataLoader workers reopen the .npy files.
+        # Memory maps and locks do not pickle; a copy in another process reopens the .npy files.
         state = self.__dict__.copy()
         state["_maps"] = {}
         del state["_lock"]
