@@ -41,8 +41,14 @@ def test_wheel_contents(wheel):
                 "hear_brainsoundnet/training/configs/synthetic_conv4.toml",
                 "hear_brainsoundnet/training/configs/synthetic_head.toml",
                 "hear_brainsoundnet/training/configs/friends_sub01.toml", "hear_brainsoundnet/embeddings.py",
-                "hear_brainsoundnet/training/train.py", "hear_brainsoundnet/training/data/fmri.py"}
+                "hear_brainsoundnet/training/train.py", "hear_brainsoundnet/training/data/fmri/fmriprep.py"}
     assert expected <= names, sorted(expected - names)
+    # Every module of both packages ships (a subpackage missing from setup.cfg would not).
+    sources = {f"hear_brainsoundnet/{p.relative_to(REPO / 'hear_brainsoundnet').as_posix()}"
+               for p in (REPO / "hear_brainsoundnet").rglob("*.py")}
+    sources |= {f"hear_brainsoundnet/training/{p.relative_to(REPO / 'training').as_posix()}"
+                for p in (REPO / "training").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"hear_brainsoundnet"}, top_level
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

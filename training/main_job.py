@@ -431,9 +431,13 @@ class MainJob:
         shapes the results (the size's caps, the dataset's design, the task suite, the
         experiment files' values, not their text: a comment edit keeps a work folder valid)."""
         from .hear_tasks import SUITES
+        from .state import STATE_FORMAT_VERSION
         from .synthetic import SIZES as DATA_SIZES
 
-        shaping = {"job": asdict(self.spec), "data": asdict(DATA_SIZES[self.spec.data_size]),
+        # The run files' format: a work folder whose runs older code wrote is refused up front
+        # (made with other settings), not half-way through at export.
+        shaping = {"run_state_format": STATE_FORMAT_VERSION,
+                   "job": asdict(self.spec), "data": asdict(DATA_SIZES[self.spec.data_size]),
                    "hear_suite": SUITES[self.spec.hear_suite],
                    "configs": {f: tomllib.loads((CONFIGS_DIR / f).read_text()) if (CONFIGS_DIR / f).is_file()
                                else None for f in sorted(RUN_CONFIGS.values())}}
